@@ -1,0 +1,1 @@
+"""entropy_jax: watch the representation geometry of a language model change while it learns."""

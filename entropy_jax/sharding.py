@@ -1,0 +1,68 @@
+"""The device mesh and the few helpers around it.
+
+One mesh with a single ``data`` axis over every device of every process. Batches are
+sharded with ``P("data")``; parameters are replicated (FSDP would be a change to
+``param_sharding`` only). The axis type is ``Auto``: model code stays free of sharding
+annotations and XLA inserts the gradient all-reduce. Per-device code (probe statistics)
+uses ``jax.shard_map`` with an explicit ``psum`` instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed() -> None:
+    """Start JAX's multi-process runtime when this process is one of several.
+
+    Launchers (SLURM, TPU pods, ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``) set the
+    environment that ``jax.distributed.initialize()`` reads; on one machine nothing happens.
+    """
+    launched = any(
+        k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
+    )
+    if launched and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh named ``data`` over the first ``num_devices`` devices (default: all)."""
+    n = num_devices or jax.device_count()
+    if n > jax.device_count():
+        raise ValueError(f"asked for {n} devices but only {jax.device_count()} are present")
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``data``."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Place a host-local batch (pytree of numpy arrays, this process's rows) on the mesh."""
+    sharding = data_sharding(mesh)
+    n = mesh.devices.size
+    for x in jax.tree.leaves(batch):
+        if x.shape[0] * jax.process_count() % n:
+            raise ValueError(
+                f"global batch {x.shape[0] * jax.process_count()} is not divisible by the "
+                f"{n} devices of the mesh; choose a batch size that is a multiple of {n}"
+            )
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+    )
+
+
+def is_writer() -> bool:
+    """Only process 0 writes files."""
+    return jax.process_index() == 0

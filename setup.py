@@ -1,0 +1,32 @@
+"""entropy_jax: information-geometric training analysis for JAX language models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="entropy_jax",
+    version="0.1.0",
+    description="Train Flax LMs, checkpoint with Orbax, and probe representation geometry across training.",
+    packages=find_packages(include=["entropy_jax", "entropy_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7.0",
+        "flax>=0.12.0",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.20",
+        "tensorflow-datasets>=4.9.9",
+        "array_record>=0.8.1",
+        "grain>=0.2.12",
+        "ml_collections>=1.1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "scipy>=1.13",
+        "pandas>=2.2",
+        "pyarrow>=16",
+        "matplotlib>=3.9",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "ruff>=0.6"],
+        "notebooks": ["jupyterlab>=4", "ipykernel>=6.29"],
+    },
+)
