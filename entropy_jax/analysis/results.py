@@ -1,0 +1,136 @@
+"""Load what a run leaves in its workdir: the probe results table, the training log and the spectra.
+
+On-disk formats (written by the probe sweep and the training loop, read here):
+
+- ``workdir/probes/results.parquet`` (or ``results.csv`` where pyarrow is absent): a long, tidy table
+  with one row per (run, stage, step, probe, layer, head, metric) and the columns in
+  :data:`RESULTS_COLUMNS`. ``layer`` and ``head`` are -1 where they do not apply.
+- ``workdir/probes/spectra/step_{step:08d}.npz``: per checkpoint, arrays named ``{probe}_layer{layer}``
+  holding the normalised, centred covariance eigenvalues in descending order.
+- ``workdir/metrics.jsonl``: one JSON object per logged training step, with at least ``step`` and
+  ``loss`` (nats/token) and usually ``loss_minus_entropy_rate``, ``lr`` and ``tokens_seen``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pandas as pd
+
+RESULTS_COLUMNS: tuple[str, ...] = (
+    "run", "stage", "step", "tokens_seen", "ckpt_hash", "probe", "layer", "head", "metric", "value",
+)
+_INT_COLUMNS = ("step", "tokens_seen", "layer", "head")
+_STR_COLUMNS = ("run", "stage", "ckpt_hash", "probe", "metric")
+_SPECTRA_FILE = re.compile(r"step_(\d+)\.npz$")
+T = TypeVar("T")
+
+
+def results_path(workdir: str | Path) -> Path:
+    """Path of the results table in ``workdir``: the Parquet file if present, else the CSV one."""
+    probes_dir = Path(workdir) / "probes"
+    parquet = probes_dir / "results.parquet"
+    csv = probes_dir / "results.csv"
+    return parquet if parquet.exists() or not csv.exists() else csv
+
+
+def _missing(what: str, path: Path, workdir: str | Path, script: str) -> FileNotFoundError:
+    return FileNotFoundError(f"no {what} at {path}: run {script} --workdir={workdir} first")
+
+
+def load_results(workdir: str | Path) -> pd.DataFrame:
+    """Read the tidy probe results table of ``workdir`` with typed columns.
+
+    Raises:
+      FileNotFoundError: neither ``probes/results.parquet`` nor ``probes/results.csv`` exists.
+      ValueError: the table lacks one of :data:`RESULTS_COLUMNS`.
+    """
+    path = results_path(workdir)
+    if not path.exists():
+        raise _missing("results table", path, workdir, "experiments/probe.py")
+    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    missing = [c for c in RESULTS_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"results table {path} lacks columns {missing}")
+    for column in _INT_COLUMNS:
+        table[column] = table[column].astype(np.int64)
+    for column in _STR_COLUMNS:
+        table[column] = table[column].astype(str)
+    table["value"] = table["value"].astype(np.float64)
+    return table.sort_values(["run", "stage", "step"], kind="stable").reset_index(drop=True)
+
+
+def load_train_metrics(workdir: str | Path) -> pd.DataFrame:
+    """Read ``workdir/metrics.jsonl`` into a DataFrame sorted by step (blank lines are skipped).
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+    """
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        raise _missing("training log", path, workdir, "experiments/pretrain.py")
+    with path.open() as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    table = pd.DataFrame(rows)
+    if "step" not in table.columns:
+        raise ValueError(f"training log {path} has no 'step' field")
+    return table.sort_values("step", kind="stable").reset_index(drop=True)
+
+
+def load_spectra(workdir: str | Path) -> dict[int, dict[str, np.ndarray]]:
+    """Read every ``probes/spectra/step_*.npz`` of ``workdir`` as ``{step: {array name: eigenvalues}}``.
+
+    Raises:
+      FileNotFoundError: the spectra folder is absent or holds no ``step_*.npz`` file.
+    """
+    folder = Path(workdir) / "probes" / "spectra"
+    spectra: dict[int, dict[str, np.ndarray]] = {}
+    for path in sorted(folder.glob("step_*.npz")):
+        match = _SPECTRA_FILE.search(path.name)
+        if match is None:
+            continue
+        with np.load(path) as archive:
+            spectra[int(match.group(1))] = {name: np.asarray(archive[name]) for name in archive.files}
+    if not spectra:
+        raise _missing("spectra", folder, workdir, "experiments/probe.py")
+    return dict(sorted(spectra.items()))
+
+
+def load_optional(loader: Callable[[Path], T], workdir: str | Path, purpose: str) -> T | None:
+    """``loader(workdir)``, or None with a log line saying what is skipped when its file is missing."""
+    try:
+        return loader(Path(workdir))
+    except FileNotFoundError as error:
+        logging.info("skipping %s: %s", purpose, error)
+        return None
+
+
+def metric_trajectory(
+    results: pd.DataFrame, metric: str, *, probe: str, layer: int, head: int = -1
+) -> pd.DataFrame:
+    """One metric of one (probe, layer, head) against step: columns ``step``, ``tokens_seen``, ``value``.
+
+    Rows repeated at the same step (e.g. several runs) are averaged.
+    """
+    rows = results[
+        (results["metric"] == metric)
+        & (results["probe"] == probe)
+        & (results["layer"] == layer)
+        & (results["head"] == head)
+    ]
+    grouped = rows.groupby("step", sort=True).agg(tokens_seen=("tokens_seen", "max"), value=("value", "mean"))
+    return grouped.reset_index()
+
+
+def final_layer(results: pd.DataFrame, probe: str) -> int:
+    """The largest layer index recorded for ``probe`` (layer L = after the final norm)."""
+    layers = results.loc[results["probe"] == probe, "layer"]
+    if layers.empty:
+        raise ValueError(f"no rows for probe {probe!r}; probes present: {sorted(results['probe'].unique())}")
+    return int(layers.max())

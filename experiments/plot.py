@@ -1,0 +1,57 @@
+r"""Redraw a run's plots and phase table from its probe results table.
+
+  python experiments/plot.py --workdir=runs/demo [--probe=last_token] [--layer=2]
+
+Reads ``workdir/probes/results.parquet`` (or ``.csv``), ``workdir/metrics.jsonl`` and
+``workdir/probes/spectra/`` when present; writes PNGs to ``workdir/plots/`` and the phase table to
+``workdir/probes/phases.csv``. Figures whose inputs are absent (e.g. no attention rows) are skipped
+with a log line. All logic lives in ``entropy_jax.analysis``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from absl import app, flags, logging  # noqa: E402
+
+from entropy_jax.analysis import phases, plots, results  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory holding probes/results.parquet (written by experiments/probe.py).",
+    required=True,
+)
+_PROBE = flags.DEFINE_string(
+    "probe", None, "Probe whose trajectory, heatmap and spectra to draw (default: last_token if present).",
+)
+_LAYER = flags.DEFINE_integer(
+    "layer", None, "Layer for the trajectory and spectra plots (default: the probe's final layer, after the "
+    "final norm).",
+)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir = Path(_WORKDIR.value)
+    if not workdir.is_dir():
+        sys.exit(f"error: workdir {workdir} does not exist")
+    try:
+        table = results.load_results(workdir)
+        paths = plots.plot_all(workdir, probe=_PROBE.value, layer=_LAYER.value)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    train_metrics = results.load_optional(results.load_train_metrics, workdir, "warmup inference")
+    phase_table = phases.detect_phases(table, train_metrics=train_metrics)
+    logging.info("phase table written to %s\n%s", phases.write_phases(phase_table, workdir),
+                 phases.format_phases(phase_table))
+    for path in paths:
+        logging.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    app.run(main)
