@@ -1,0 +1,171 @@
+"""Numerics shared by the probes: float64 dispatch, input checks, sharded scatter statistics.
+
+float64 policy: the training code runs without ``jax_enable_x64``. Every probe that promises
+float64 accuracy is wrapped in :func:`x64_when_eager`: called on concrete arrays it runs inside
+``jax.enable_x64(True)`` and upcasts its input to float64, so a float32 input gives the exact
+float64 answer for those float32 values. Traced under a caller's ``jax.jit`` it runs in the
+default float dtype of that trace (float32 unless the caller enabled x64).
+
+Scatter statistics: each device of the mesh's ``data`` axis reduces its rows to a count, a mean
+and a *centred* scatter; the pieces are merged with the k-way form of Chan et al.'s parallel
+update (Chan, Golub & LeVeque 1979), ``M2 = sum_i [M2_i + n_i (mu_i - mu)(mu_i - mu)^T]``,
+inside ``jax.shard_map`` with ``psum``. Nothing of the form ``X^T X / N - mu mu^T`` is ever
+formed, so large activation means cause no cancellation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from entropy_jax.sharding import DATA_AXIS, data_sharding
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def is_traced(*trees: Any) -> bool:
+    """True when any leaf is a tracer (we are inside a caller's ``jit``/``vmap``)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+def x64_when_eager(fn: F) -> F:
+    """Run ``fn`` under ``jax.enable_x64(True)`` unless it is being traced."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if is_traced(args, kwargs):
+            return fn(*args, **kwargs)
+        with jax.enable_x64(True):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def as_float(x: Any) -> jax.Array:
+    """``x`` as the widest float available (float64 inside :func:`x64_when_eager`)."""
+    return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+def check_finite(x: Any, name: str = "x") -> None:
+    """Raise ValueError on NaN/Inf (skipped while tracing, where values are unknown)."""
+    if is_traced(x):
+        return
+    if not bool(jnp.all(jnp.isfinite(jnp.asarray(x)))):
+        raise ValueError(
+            f"{name} contains NaN or Inf values; probes need finite inputs "
+            "(check the model for divergence, or drop the offending rows before probing)"
+        )
+
+
+def check_matrix(x: Any, name: str = "x", min_rows: int = 2) -> None:
+    """Raise ValueError unless ``x`` is a finite 2-D (N x D) array with N >= ``min_rows``."""
+    shape = np.shape(x)
+    if len(shape) != 2:
+        raise ValueError(
+            f"{name} must be a 2-D array (N samples x D features), got shape {shape}; "
+            "reshape e.g. (batch, seq, d) activations with x.reshape(-1, d)"
+        )
+    if shape[0] < min_rows or shape[1] < 1:
+        raise ValueError(
+            f"{name} has shape {shape}: need at least {min_rows} samples (rows) and one feature"
+        )
+    check_finite(x, name)
+
+
+class ScatterStats(NamedTuple):
+    """Row count ``n``, mean ``mean`` (D,) and centred scatter ``m2`` (D, D) of N x D data."""
+
+    n: jax.Array
+    mean: jax.Array
+    m2: jax.Array
+
+    def uncentred(self) -> jax.Array:
+        """``X^T X = M2 + n mu mu^T`` (a sum of PSD terms: no cancellation)."""
+        return self.m2 + self.n * jnp.outer(self.mean, self.mean)
+
+
+def _local_moments(x: jax.Array, w: jax.Array) -> ScatterStats:
+    """Count, mean and centred scatter of the rows of ``x`` with 0/1 weights ``w``."""
+    n = jnp.sum(w)
+    mean = (w @ x) / jnp.maximum(n, 1.0)
+    xc = (x - mean) * w[:, None]
+    return ScatterStats(n, mean, xc.T @ xc)
+
+
+def _merge_over_axis(local: ScatterStats, axis: str) -> ScatterStats:
+    """k-way Chan merge of per-device moments with ``psum`` over ``axis``."""
+    n = jax.lax.psum(local.n, axis)
+    mean = jax.lax.psum(local.n * local.mean, axis) / n
+    delta = local.mean - mean
+    m2 = jax.lax.psum(local.m2 + local.n * jnp.outer(delta, delta), axis)
+    return ScatterStats(n, mean, m2)
+
+
+@functools.cache
+def _sharded_moments_fn(mesh: Mesh) -> Callable[[jax.Array, jax.Array], ScatterStats]:
+    def per_device(x: jax.Array, w: jax.Array) -> ScatterStats:
+        return _merge_over_axis(_local_moments(x, w), DATA_AXIS)
+
+    spec = P(DATA_AXIS)
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=P()))
+
+
+@jax.jit
+def _single_moments(x: jax.Array) -> ScatterStats:
+    return _local_moments(x, jnp.ones(x.shape[0], x.dtype))
+
+
+def scatter_stats(x: Any, mesh: Mesh | None = None) -> ScatterStats:
+    """One pass over N x D ``x``: count, mean and centred scatter, sharded over ``mesh``.
+
+    With a mesh, rows are padded with zero-weight rows to a multiple of the ``data`` axis size,
+    placed with ``P("data")``, and each device reduces its own rows before the Chan merge.
+    Dtype: that of ``x`` after :func:`as_float` (float64 inside :func:`x64_when_eager`).
+    """
+    x = as_float(x)
+    if mesh is None:
+        return _single_moments(x)
+    num_shards = mesh.shape[DATA_AXIS]
+    pad = -x.shape[0] % num_shards
+    w = jnp.concatenate([jnp.ones(x.shape[0], x.dtype), jnp.zeros(pad, x.dtype)])
+    x = jnp.concatenate([x, jnp.zeros((pad, x.shape[1]), x.dtype)])
+    if not is_traced(x):
+        x, w = jax.device_put((x, w), data_sharding(mesh))
+    return _sharded_moments_fn(mesh)(x, w)
+
+
+def descending_eigvalsh(m: jax.Array, keep: int) -> jax.Array:
+    """The ``keep`` largest eigenvalues of symmetric ``m``, descending, clipped at 0.
+
+    Eagerly this is LAPACK ``syevd`` on the host in float64 (numpy): far faster than XLA's CPU
+    ``eigh`` and exact to float64 whatever the device. Traced, it is ``jnp.linalg.eigvalsh``.
+    """
+    if is_traced(m):
+        ev = jnp.linalg.eigvalsh(m)
+    else:
+        ev = jnp.asarray(np.linalg.eigvalsh(np.asarray(m, dtype=np.float64)))
+    return jnp.maximum(ev[::-1][:keep], 0.0)
+
+
+def gram_eigenvalues(x: Any, *, centred: bool, mesh: Mesh | None = None) -> jax.Array:
+    """Eigenvalues of ``X^T X`` (or of the centred scatter), descending, ``min(N, D)`` of them.
+
+    These are the squared singular values of (centred) X. When N < D and no mesh is given, the
+    N x N dual Gram ``X X^T`` is used instead (same nonzero spectrum, EntropyPrune's trick);
+    otherwise the D x D scatter from :func:`scatter_stats`. Not normalised; units of x^2.
+    """
+    n, d = np.shape(x)
+    if n < d and mesh is None:
+        x = as_float(x)
+        if centred:
+            x = x - jnp.mean(x, axis=0)
+        return descending_eigvalsh(x @ x.T, n)
+    stats = scatter_stats(x, mesh)
+    return descending_eigvalsh(stats.m2 if centred else stats.uncentred(), min(n, d))
