@@ -1,0 +1,38 @@
+"""What the absl entry points share: errors a user can fix become one clear message and exit 1."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+from entropy_jax.checkpoint import CheckpointReadError, ConfigMismatchError
+
+USER_ERRORS = (ConfigMismatchError, CheckpointReadError, FloatingPointError, FileNotFoundError, ValueError)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a user-fixable error into ``error: <what is wrong and how to fix it>`` and exit status 1."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        logging.debug("traceback", exc_info=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def summarise_training(result) -> str:
+    gap = ""
+    if result.entropy_rate is not None and result.final_loss is not None:
+        gap = (f" = entropy rate {result.entropy_rate:.4f} + {result.final_loss - result.entropy_rate:.4f}"
+               " nats/token")
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    return (
+        f"workdir: {result.workdir}\n"
+        f"checkpoints: {len(result.checkpoint_steps)} in {result.workdir / 'checkpoints'} "
+        f"(steps {result.checkpoint_steps[0]}..{result.checkpoint_steps[-1]})\n"
+        f"metrics: {result.workdir / 'metrics.jsonl'}\n"
+        f"final loss (step {result.final_step}): {loss}{gap}"
+    )

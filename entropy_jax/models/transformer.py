@@ -1,0 +1,175 @@
+"""A decoder-only transformer in Flax NNX that can show probes what it computes.
+
+``model(tokens)`` returns next-token logits. ``model(tokens, return_intermediates=True)``
+also returns, from the same forward pass, what the probes read:
+
+* ``residual``: the L + 1 hidden states ``h_BxTxD`` (embedding output first; the last one
+  after the final norm, as in the Tracing paper's probe),
+* ``attention_logits``: per layer the pre-softmax logits ``BxHxTxT`` (scaled by
+  1/sqrt(d_head)) with the causal mask applied (masked entries hold the dtype's most
+  negative finite value, so softmax gives exact zeros and no NaNs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and switches of the transformer (hashable, safe as a static jit argument)."""
+
+    vocab_size: int
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    d_ff: int = 0  # 0 means 4 * d_model
+    max_len: int = 256
+    positions: str = "learned"  # "learned" | "rope"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    activation: str = "gelu"  # "gelu" | "relu" | "silu"
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        for name, value, allowed in (
+            ("positions", self.positions, POSITIONS),
+            ("norm", self.norm, NORMS),
+            ("activation", self.activation, tuple(ACTIVATIONS)),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model.{name}={value!r} is not one of {allowed}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def ff_width(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Build from a (ConfigDict-like) mapping, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**dict(d))
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(cfg.d_model, rngs=rngs)
+    return nnx.LayerNorm(cfg.d_model, rngs=rngs)
+
+
+def rotary(x_BxTxHxK: jax.Array, base: float = 10_000.0) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021) on the last axis, rotate-half form."""
+    t, k = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1]
+    freqs = base ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2 / k)
+    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]  # T x K/2
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxK.dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+    """Multi-head causal self-attention with separate W_Q, W_K, W_V, W_O (probes read W_Q, W_K)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dense = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=cfg.dtype, rngs=rngs)
+        self.query = dense(cfg.d_model, cfg.d_model)
+        self.key = dense(cfg.d_model, cfg.d_model)
+        self.value = dense(cfg.d_model, cfg.d_model)
+        self.out = dense(cfg.d_model, cfg.d_model)
+
+    def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
+        b, t, _ = x_BxTxD.shape
+        heads = lambda y: y.reshape(b, t, cfg.num_heads, cfg.d_head)
+        q, k, v = heads(self.query(x_BxTxD)), heads(self.key(x_BxTxD)), heads(self.value(x_BxTxD))
+        if cfg.positions == "rope":
+            q, k = rotary(q), rotary(k)
+        logits_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) / jnp.sqrt(cfg.d_head)
+        causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
+        logits_BxHxTxT = jnp.where(causal_TxT, logits_BxHxTxT, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits_BxHxTxT, axis=-1).astype(v.dtype)
+        y_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+        return self.out(y_BxTxHxK.reshape(b, t, cfg.d_model)), logits_BxHxTxT
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.act = ACTIVATIONS[cfg.activation]
+        self.up = nnx.Linear(cfg.d_model, cfg.ff_width, dtype=cfg.dtype, rngs=rngs)
+        self.down = nnx.Linear(cfg.ff_width, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(self.act(self.up(x)))
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = _norm(cfg, rngs)
+        self.attn = CausalSelfAttention(cfg, rngs)
+        self.mlp_norm = _norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        attn_out, logits_BxHxTxT = self.attn(self.attn_norm(x_BxTxD))
+        x_BxTxD = x_BxTxD + attn_out
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), logits_BxHxTxT
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model: embed (+ positions) -> L pre-norm blocks -> norm -> unembed."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        if cfg.positions == "learned":
+            self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = _norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=cfg.dtype, rngs=rngs)
+
+    def __call__(self, tokens_BxT: jax.Array, return_intermediates: bool = False):
+        t = tokens_BxT.shape[1]
+        if t > self.cfg.max_len:
+            raise ValueError(f"sequence length {t} exceeds model.max_len={self.cfg.max_len}")
+        h_BxTxD = self.embed(tokens_BxT)
+        if self.cfg.positions == "learned":
+            h_BxTxD = h_BxTxD + self.pos_embed(jnp.arange(t))[None]
+        residual, attention_logits = [h_BxTxD], []
+        for block in self.blocks:
+            h_BxTxD, logits_BxHxTxT = block(h_BxTxD)
+            residual.append(h_BxTxD)
+            attention_logits.append(logits_BxHxTxT)
+        h_BxTxD = self.final_norm(h_BxTxD)
+        residual[-1] = h_BxTxD
+        if self.cfg.tie_embeddings:
+            logits_BxTxV = self.embed.attend(h_BxTxD)
+        else:
+            logits_BxTxV = self.unembed(h_BxTxD)
+        logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+        if not return_intermediates:
+            return logits_BxTxV
+        return logits_BxTxV, {"residual": residual, "attention_logits": attention_logits}

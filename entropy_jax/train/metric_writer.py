@@ -1,0 +1,63 @@
+"""Per-step training metrics as JSON lines (``workdir/metrics.jsonl``), process 0 only.
+
+On resume from step s the rows after s are dropped before writing resumes: the resumed run
+recomputes them exactly, so the file always reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from entropy_jax.sharding import is_writer
+
+
+def _clean(value: Any) -> Any:
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricWriter:
+    def __init__(self, workdir: str | Path, resume_step: int | None = None, tensorboard: bool = False):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.enabled = is_writer()
+        self._tb = None
+        if not self.enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        self._file = self.path.open("a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # optional sink
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        rows = [r for r in self.path.read_text().splitlines() if r.strip()]
+        kept = [r for r in rows if json.loads(r)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(r + "\n" for r in kept))
+        tmp.replace(self.path)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(r) for r in path.read_text().splitlines() if r.strip()]

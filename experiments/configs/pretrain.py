@@ -1,0 +1,114 @@
+"""Pretraining configs: ``--config=experiments/configs/pretrain.py:<preset>``.
+
+Presets:
+  tiny  (default) The demo of ``python run.py``: the associative-pairs corpus (keys Zipf(1.2)
+        over V = 1024, a fixed random permutation as the answer), a 2-layer width-32 GPT with an
+        untied unembedding and weight decay 0.5 on matrices, 3,000 steps of batch 32 x 64 tokens.
+        ../shared/SCIENCE.md found all three geometric phases (warmup collapse, entropy-seeking,
+        compression-seeking) in this setting. About 2-3 minutes on 2 CPU cores; the loss should
+        end within about 0.01 nats/token of the corpus optimum.
+          python experiments/pretrain.py --config=experiments/configs/pretrain.py:tiny --workdir=/tmp/tiny
+  small A 4-layer width-128 model on a first-order Zipf(1.1) Markov chain over V = 1024, sequence
+        256, batch 32 (8k tokens per step); for GPUs or long CPU runs.
+          python experiments/pretrain.py --config=experiments/configs/pretrain.py:small \
+              --workdir=/tmp/small --config.train.steps=20000
+  test  A 1-layer width-16 model and 40 steps on a small Markov chain: what the tests run.
+
+Every key can be overridden on the command line, e.g. ``--config.train.steps=200``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # model initialisation and data order
+    c.stage = "pretrain"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "assoc_pairs"  # markov | markov_mixture | assoc_pairs | text_folder | lm1b | tiny_shakespeare
+    c.data.vocab_size = 1024  # synthetic corpora only; text is byte-level (256)
+    c.data.zipf_exponent = 1.2
+    c.data.order = 1  # Markov chain order
+    c.data.successors = 16  # allowed next tokens per Markov state
+    c.data.num_topics = 8  # markov_mixture: number of chains
+    c.data.uniform = False  # control: uniform instead of Zipf-skewed frequencies
+    c.data.num_train = 100_000  # sequences
+    c.data.num_val = 2_048
+    c.data.data_seed = 0  # the corpus itself
+    c.data.data_dir = ""  # "" -> TFDS default (~/tensorflow_datasets)
+    c.data.text_dir = ""  # text_folder: a folder of .txt/.md/.py files
+
+    c.model = ml_collections.ConfigDict()  # see entropy_jax.models.ModelConfig
+    c.model.d_model = 32
+    c.model.num_layers = 2
+    c.model.num_heads = 4
+    c.model.d_ff = 0  # 0 -> 4 * d_model
+    c.model.positions = "learned"  # learned | rope
+    c.model.norm = "layernorm"  # layernorm | rmsnorm
+    c.model.activation = "gelu"  # gelu | relu | silu
+    c.model.tie_embeddings = False
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 3_000
+    c.train.batch_size = 32  # global, over all devices and processes
+    c.train.seq_len = 64
+    c.train.lr = 3e-3
+    c.train.warmup_steps = 150
+    c.train.end_lr = 3e-4  # cosine decay from lr to end_lr after warmup
+    c.train.weight_decay = 0.5  # decoupled (AdamW), on parameters with ndim >= 2 only
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
+    c.train.log_every = 1  # steps between rows of metrics.jsonl
+    c.train.tensorboard = False  # also write TensorBoard scalars (needs tensorboardX)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.dense_until = 512  # save at every power of two up to here (and step 0)...
+    c.checkpoint.every = 1_000  # ...then every this many steps, and at the last step
+    c.checkpoint.max_to_keep = 0  # 0 keeps all (the probe sweep needs them)
+    return c
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    c = base_config()
+    if preset == "tiny":
+        pass
+    elif preset == "small":
+        c.data.name = "markov"
+        c.data.zipf_exponent = 1.1
+        c.model.d_model = 128
+        c.model.num_layers = 4
+        c.model.num_heads = 4
+        c.train.seq_len = 256
+        c.train.steps = 20_000
+        c.train.lr = 1e-3
+        c.train.warmup_steps = 500
+        c.train.end_lr = 1e-4
+        c.train.weight_decay = 0.1
+        c.train.log_every = 10
+    elif preset == "test":
+        c.data.name = "markov"
+        c.data.vocab_size = 64
+        c.data.zipf_exponent = 1.1
+        c.data.successors = 4
+        c.data.num_train = 2_048
+        c.data.num_val = 256
+        c.model.d_model = 16
+        c.model.num_layers = 1
+        c.model.num_heads = 2
+        c.train.steps = 40
+        c.train.batch_size = 8
+        c.train.seq_len = 16
+        c.train.warmup_steps = 5
+        c.train.lr = 1e-2
+        c.train.end_lr = 1e-3
+        c.train.weight_decay = 0.0
+        c.checkpoint.dense_until = 16
+        c.checkpoint.every = 20
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose tiny, small or test")
+    return c
