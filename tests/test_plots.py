@@ -116,6 +116,9 @@ def test_figures_are_labelled(workdir: Path) -> None:
     assert twin.get_ylabel() == "loss - entropy rate (nats/token)"
     assert ax_a.get_xlabel() == plots.STEP_LABEL and ax_a.get_xscale() == "symlog"
     assert "layer 2" in ax_r.get_title()
+    no_gap = metrics.assign(loss_minus_entropy_rate=np.nan)
+    fig = plots.make_trajectory_figure(table, no_gap, probe="last_token")
+    assert fig.axes[2].get_ylabel() == "training loss (nats/token)"
     heatmap = plots.make_layer_heatmap_figure(
         plots.attention_entropy_by_layer(table), title="t", colorbar_label="attention entropy (nats)")
     assert heatmap.axes[1].get_ylabel() == "attention entropy (nats)"

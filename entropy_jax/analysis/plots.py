@@ -61,13 +61,15 @@ def _shade_phases(ax: Axes, phases: pd.DataFrame | None) -> list[Patch]:
 
 def _loss_twin(ax: Axes, train_metrics: pd.DataFrame | None) -> list:
     """Plot loss minus entropy rate (or the loss) on a twin y axis; return its line handles."""
-    column = next((c for c in LOSS_COLUMNS if train_metrics is not None and c in train_metrics), None)
+    # Non-finite values are logged as null (NaN here); a column of nulls falls back to the plain loss.
+    column = next((c for c in LOSS_COLUMNS if train_metrics is not None and c in train_metrics
+                   and train_metrics[c].notna().any()), None)
     if column is None:
         return []
+    curve = train_metrics[["step", column]].dropna()
     twin = ax.twinx()
-    label = LOSS_COLUMNS[column]
-    lines = twin.plot(train_metrics["step"], train_metrics[column], color="0.4", lw=1, label=label)
-    if (train_metrics[column] > 0).all():
+    lines = twin.plot(curve["step"], curve[column], color="0.4", lw=1, label=LOSS_COLUMNS[column])
+    if (curve[column] > 0).all():
         twin.set_yscale("log")
     twin.set_ylabel(LOSS_COLUMNS[column])
     return lines
