@@ -122,12 +122,13 @@ def _single_moments(x: jax.Array) -> ScatterStats:
     return _local_moments(x, jnp.ones(x.shape[0], x.dtype))
 
 
+@x64_when_eager
 def scatter_stats(x: Any, mesh: Mesh | None = None) -> ScatterStats:
     """One pass over N x D ``x``: count, mean and centred scatter, sharded over ``mesh``.
 
     With a mesh, rows are padded with zero-weight rows to a multiple of the ``data`` axis size,
     placed with ``P("data")``, and each device reduces its own rows before the Chan merge.
-    Dtype: that of ``x`` after :func:`as_float` (float64 inside :func:`x64_when_eager`).
+    float64 when called eagerly (whatever the input dtype); the trace's float dtype under jit.
     """
     x = as_float(x)
     if mesh is None:
@@ -154,6 +155,7 @@ def descending_eigvalsh(m: jax.Array, keep: int) -> jax.Array:
     return jnp.maximum(ev[::-1][:keep], 0.0)
 
 
+@x64_when_eager
 def gram_eigenvalues(x: Any, *, centred: bool, mesh: Mesh | None = None) -> jax.Array:
     """Eigenvalues of ``X^T X`` (or of the centred scatter), descending, ``min(N, D)`` of them.
 
