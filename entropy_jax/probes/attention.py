@@ -24,15 +24,18 @@ def _float(x: Any) -> jax.Array:
 def row_entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Entropy of ``softmax`` over the last axis, nats: ``lse(z) - sum softmax(z) z``.
 
+    Evaluated as ``-sum_j p_j (z_j - lse(z))`` (the same quantity, with only nonnegative terms).
+
     ``mask`` (bool, broadcastable, True = key visible) removes keys; a row with no visible key
     gets NaN.
     """
     z = _float(logits)
     if mask is not None:
         z = jnp.where(mask, z, -jnp.inf)
-    lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
-    p = jnp.exp(z - lse)
-    return lse[..., 0] - jnp.sum(jnp.where(p > 0, p * z, 0.0), axis=-1)
+    # -sum p (z - lse): every term is >= 0, so no cancellation for peaked rows.
+    log_p = z - jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    p = jnp.exp(log_p)
+    return -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
 
 
 def predictive_entropy(logits: Any) -> jax.Array:
@@ -58,8 +61,8 @@ def _aggregate(ent: jax.Array, num_keys: jax.Array) -> dict[str, jax.Array]:
 
     def head_mean(v: jax.Array, w: jax.Array) -> jax.Array:
         w = jnp.broadcast_to(w, v.shape)
-        num = jnp.sum(jnp.where(w, v, 0.0), axis=(-4, -1))
-        return num / jnp.sum(w, axis=(-4, -1))
+        num = jnp.sum(jnp.where(w, v, 0.0), axis=(-3, -1))
+        return num / jnp.sum(w, axis=(-3, -1))
 
     head = head_mean(ent, valid)
     head_norm = head_mean(norm, normalisable)
