@@ -1,0 +1,85 @@
+"""The grain input pipeline and the fixed probe set.
+
+``make_train_iterator``: source -> this process's slice -> seeded shuffle (reshuffled every
+epoch) -> infinite repeat -> (inputs, targets) split -> batch. It is a grain ``DatasetIterator``:
+``get_state()`` is a small JSON-serialisable dict and ``set_state(state)`` resumes so that the
+following batches are exactly those of an uninterrupted iterator (epoch boundaries included,
+since the shuffle of epoch e is a pure function of (seed, e)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import grain
+import jax
+import numpy as np
+
+# Modest threading: records are small and in local files; the CPU is shared with the train step.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)
+
+
+class CorpusLike(Protocol):
+    seq_len: int
+    train: Any
+    validation: Any
+
+
+def split_example(record: Mapping[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """{"tokens": [>= T + 1]} -> {"inputs": tokens[:T], "targets": tokens[1:T + 1]} (int32)."""
+    tokens = np.asarray(record["tokens"], dtype=np.int32)
+    if tokens.shape[0] < seq_len + 1:
+        raise ValueError(f"stored sequences have {tokens.shape[0]} tokens, need seq_len + 1 = {seq_len + 1}")
+    return {"inputs": tokens[:seq_len], "targets": tokens[1 : seq_len + 1]}
+
+
+class _SplitExample(grain.transforms.Map):
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def map(self, element):
+        return split_example(element, self.seq_len)
+
+
+def make_train_iterator(
+    corpus: CorpusLike,
+    batch_size: int,
+    seed: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """Infinite, deterministic, checkpointable iterator of this process's batches.
+
+    ``batch_size`` is global: each of the ``process_count`` processes reads the records
+    ``process_index::process_count`` and yields ``batch_size // process_count`` rows per batch,
+    {"inputs": int32 [b, T], "targets": int32 [b, T]}.
+    """
+    count = jax.process_count() if process_count is None else process_count
+    index = jax.process_index() if process_index is None else process_index
+    if batch_size % count:
+        raise ValueError(f"global batch {batch_size} is not divisible by {count} processes")
+    local = batch_size // count
+    ds = grain.MapDataset.source(corpus.train)[index::count]
+    if len(ds) < local:
+        raise ValueError(f"{len(ds)} training sequences on this process, fewer than a batch of {local}")
+    ds = ds.shuffle(seed=seed % 2**32).repeat(None).map(_SplitExample(corpus.seq_len))
+    ds = ds.to_iter_dataset(_READ_OPTIONS).batch(local, drop_remainder=True)
+    return iter(ds)
+
+
+def probe_set(corpus: CorpusLike, num_sequences: int) -> tuple[np.ndarray, str]:
+    """The first ``num_sequences`` validation inputs, int32 [M, T], and their sha256 hex digest.
+
+    The digest is sha256 of the little-endian int32 bytes, so it is the same on every call and
+    every machine for the same corpus.
+    """
+    n_val = len(corpus.validation)
+    if num_sequences > n_val:
+        raise ValueError(f"probe set of {num_sequences} asked, validation split has {n_val}")
+    rows = [split_example(corpus.validation[i], corpus.seq_len)["inputs"] for i in range(num_sequences)]
+    probe = np.stack(rows).astype("<i4") if rows else np.zeros((0, corpus.seq_len), "<i4")
+    digest = hashlib.sha256(probe.tobytes()).hexdigest()
+    return probe.astype(np.int32), digest
