@@ -8,7 +8,8 @@ the grain training pipeline and the fixed probe set.
     probe, digest = probe_set(corpus, 1024)                   # int32 [M, T], sha256 hex
 
 ``cfg.data`` keys: name, vocab_size, zipf_exponent, order, successors, num_topics, uniform,
-num_train, num_val, data_seed, data_dir ("" = TFDS default), text_dir.
+num_train, num_val, data_seed, data_dir ("" = TFDS default), text_dir; optional: stored_seq_len
+(store longer synthetic sequences than seq_len), download (published text sets; default True).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def load_corpus(data_cfg: Any, seq_len: int) -> Corpus:
     data_dir = data_dir_of(data_cfg)
     if name in SYNTHETIC_KINDS:
         return _load_synthetic(data_cfg, seq_len, data_dir)
-    fields = load_text_corpus(name, _get(data_cfg, "text_dir", ""), seq_len, data_dir)
+    fields = load_text_corpus(
+        name, _get(data_cfg, "text_dir", ""), seq_len, data_dir, bool(_get(data_cfg, "download", True))
+    )
     return Corpus(name=name, vocab_size=256, seq_len=seq_len, entropy_rate=None, entropy_rate_upper=None,
                   **fields)

@@ -51,6 +51,19 @@ class MarkovChain:
             ctx = ctx + h % self.branches
         return ctx
 
+    def log_prob(self, tokens: np.ndarray) -> np.ndarray:
+        """ln P(x_t | x_{t-k..t-1}) for t = k..L-1 of int tokens [N, L]: float64 [N, L - k].
+
+        -inf where a transition is not allowed. The Bayes-optimal loss of those targets.
+        """
+        k = tokens.shape[1]
+        hist = np.stack([tokens[:, t - self.order : t] for t in range(self.order, k)], axis=1)
+        ctx = self.context(hist)
+        probs = np.diff(self.cdf, axis=1, prepend=0.0)[ctx]
+        p = np.where(self.succ[ctx] == tokens[:, self.order :, None], probs, 0.0).sum(axis=-1)
+        with np.errstate(divide="ignore"):
+            return np.log(p)
+
     def sample(self, num: int, length: int, rng: np.random.Generator) -> np.ndarray:
         """int32 [num, length] sequences started from the stationary state distribution."""
         k = self.order

@@ -35,9 +35,11 @@ class TextFolderConfig(tfds.core.BuilderConfig):
     """Names itself by a hash of the folder's path, file names and contents."""
 
     def __init__(self, text_dir: str):
+        files = text_files(text_dir)  # checks the folder before "" could resolve to the cwd
         root = pathlib.Path(text_dir).expanduser().resolve()
         digest = hashlib.sha256(str(root).encode())
-        for f in text_files(str(root)):
+        for f in files:
+            f = f.resolve()
             digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
         super().__init__(name=f"folder-{digest.hexdigest()[:12]}", description=str(root))
         self.text_dir = str(root)
@@ -115,12 +117,14 @@ def packed_stream(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def _published_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of a published text set, prepared (downloads if there is internet)."""
+def _published_builder(name: str, data_dir: str, download: bool) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of a published text set, prepared (downloads if allowed and online)."""
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if builder.is_prepared():
         return builder
     try:
+        if not download:
+            raise RuntimeError("downloading is disabled (data.download=False)")
         builder.download_and_prepare()
     except Exception as e:  # no network, missing optional deps, tfrecord-only files...
         raise FileNotFoundError(
@@ -132,13 +136,16 @@ def _published_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def load_text_corpus(name: str, text_dir: str, seq_len: int, data_dir: str) -> dict:
-    """train / validation / info fields of a byte-level text Corpus."""
+def load_text_corpus(name: str, text_dir: str, seq_len: int, data_dir: str, download: bool = True) -> dict:
+    """train / validation / info fields of a byte-level text Corpus.
+
+    Published sets use their ``validation`` split, or ``test`` where there is none (lm1b).
+    """
     if name == "text_folder":
         builder = TextFolder(config=TextFolderConfig(text_dir), data_dir=data_dir, file_format="array_record")
         builder.download_and_prepare()
     elif name in PUBLISHED_TEXT:
-        builder = _published_builder(name, data_dir)
+        builder = _published_builder(name, data_dir, download)
     else:
         raise ValueError(f"{name!r} is not a text corpus; valid: text_folder, {', '.join(PUBLISHED_TEXT)}")
     splits = builder.info.splits
