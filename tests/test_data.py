@@ -103,6 +103,16 @@ def test_errors(tmp_path):
         load_corpus(_cfg(tmp_path, name="nope"), 16)
     with pytest.raises(ValueError, match="longer"):
         load_corpus(_cfg(tmp_path, stored_seq_len=8), 16)
+    with pytest.raises(ValueError, match="even"):  # a cropped assoc_pairs must still end on a key
+        load_corpus(_cfg(tmp_path, name="assoc_pairs", stored_seq_len=16), 15)
+
+
+def test_longer_stored_sequences_are_cropped(tmp_path):
+    cfg = _cfg(tmp_path, name="markov_mixture", num_topics=2, stored_seq_len=32)
+    corpus = load_corpus(cfg, 16)
+    assert next(make_train_iterator(corpus, 8, 0))["inputs"].shape == (8, 16)
+    assert corpus.entropy_rate_upper - corpus.entropy_rate == pytest.approx(np.log(2) / 16)
+    assert corpus.info["stored_seq_len"] == 32
 
 
 def _take(it, n):

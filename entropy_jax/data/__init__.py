@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
-from entropy_jax.data.builders import SYNTHETIC_KINDS, EntropySynthetic, SyntheticConfig, SyntheticParams
+from entropy_jax.data.builders import (
+    SYNTHETIC_KINDS,
+    EntropySynthetic,
+    SyntheticConfig,
+    SyntheticParams,
+    entropy_metadata,
+)
 from entropy_jax.data.pipeline import make_train_iterator, probe_set
 from entropy_jax.data.text import PUBLISHED_TEXT, load_text_corpus
 
@@ -79,13 +87,30 @@ def synthetic_params(data_cfg: Any, seq_len: int) -> SyntheticParams:
     )
 
 
+def prepared(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+    """Generate a builder's files once: process 0 first, the others after a barrier.
+
+    On a shared filesystem the others then just reuse process 0's files; on local disks each
+    host generates its own (identical: generation is deterministic).
+    """
+    if jax.process_index() == 0:
+        make_builder().download_and_prepare()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("entropy_jax.data prepared")
+    builder = make_builder()  # re-read: its info now holds the splits
+    builder.download_and_prepare()
+    return builder
+
+
 def _load_synthetic(data_cfg: Any, seq_len: int, data_dir: str) -> Corpus:
     params = synthetic_params(data_cfg, seq_len)
     if params.seq_len < seq_len:
         raise ValueError(f"stored sequences hold {params.seq_len} + 1 tokens; seq_len={seq_len} is longer")
-    builder = EntropySynthetic(config=SyntheticConfig(params), data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
+    config = SyntheticConfig(params)
+    builder = prepared(lambda: EntropySynthetic(config=config, data_dir=data_dir, file_format="array_record"))
     meta = dict(builder.info.metadata)
+    if params.seq_len != seq_len:  # cropped: the optimum over the first seq_len targets
+        meta.update(entropy_metadata(dataclasses.replace(params, seq_len=seq_len)), stored_seq_len=params.seq_len)
     info = {
         "builder": builder.name, "config": builder.builder_config.name, "version": str(builder.version),
         "data_dir": data_dir, "path": os.fspath(builder.data_path),
@@ -114,7 +139,8 @@ def load_corpus(data_cfg: Any, seq_len: int) -> Corpus:
     if name in SYNTHETIC_KINDS:
         return _load_synthetic(data_cfg, seq_len, data_dir)
     fields = load_text_corpus(
-        name, _get(data_cfg, "text_dir", ""), seq_len, data_dir, bool(_get(data_cfg, "download", True))
+        name, _get(data_cfg, "text_dir", ""), seq_len, data_dir, bool(_get(data_cfg, "download", True)),
+        prepare=prepared,
     )
     return Corpus(name=name, vocab_size=256, seq_len=seq_len, entropy_rate=None, entropy_rate_upper=None,
                   **fields)

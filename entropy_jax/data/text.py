@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -136,14 +137,25 @@ def _published_builder(name: str, data_dir: str, download: bool) -> tfds.core.Da
     return builder
 
 
-def load_text_corpus(name: str, text_dir: str, seq_len: int, data_dir: str, download: bool = True) -> dict:
+def _prepare_here(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+    builder = make_builder()
+    builder.download_and_prepare()
+    return builder
+
+
+def load_text_corpus(
+    name: str, text_dir: str, seq_len: int, data_dir: str, download: bool = True,
+    prepare: Callable[[Callable[[], tfds.core.DatasetBuilder]], tfds.core.DatasetBuilder] | None = None,
+) -> dict:
     """train / validation / info fields of a byte-level text Corpus.
 
     Published sets use their ``validation`` split, or ``test`` where there is none (lm1b).
+    ``prepare`` runs a builder factory's preparation (multi-host ordering); default: directly.
     """
     if name == "text_folder":
-        builder = TextFolder(config=TextFolderConfig(text_dir), data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare()
+        config = TextFolderConfig(text_dir)
+        make = lambda: TextFolder(config=config, data_dir=data_dir, file_format="array_record")
+        builder = (prepare or _prepare_here)(make)
     elif name in PUBLISHED_TEXT:
         builder = _published_builder(name, data_dir, download)
     else:
