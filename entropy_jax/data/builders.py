@@ -50,6 +50,7 @@ class SyntheticParams:
         return d
 
     def config_name(self) -> str:
+        """``<kind>-v<V>-t<T>-<sha256 of the relevant parameters, 10 hex>``."""
         digest = hashlib.sha256(json.dumps(self.relevant(), sort_keys=True).encode()).hexdigest()
         return f"{self.kind}-v{self.vocab_size}-t{self.seq_len}-{digest[:10]}"
 
@@ -113,6 +114,7 @@ class EntropySynthetic(tfds.core.GeneratorBasedBuilder):
 
     @property
     def params(self) -> SyntheticParams:
+        """The parameters of the selected config."""
         return self.builder_config.params
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -36,6 +36,8 @@ def split_example(record: Mapping[str, np.ndarray], seq_len: int) -> dict[str, n
 
 
 class _SplitExample(grain.transforms.Map):
+    """grain Map wrapper of ``split_example`` (picklable, for worker processes)."""
+
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
 

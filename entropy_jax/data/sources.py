@@ -47,6 +47,7 @@ class MarkovSource:
 
     @property
     def chain(self) -> MarkovChain:
+        """The transition tables and exact stationary quantities (built once per instance)."""
         # Cached on the instance: building the chain is the only expensive part.
         cached = self.__dict__.get("_chain")
         if cached is None:
@@ -71,6 +72,7 @@ class MarkovSource:
         return (c.state_entropy - c.unigram_entropy + (seq_len - k + 1) * c.entropy_rate) / seq_len
 
     def sample(self, num: int, length: int, rng: np.random.Generator) -> np.ndarray:
+        """int32 [num, length] sequences from the stationary start."""
         return self.chain.sample(num, length, rng)
 
 
@@ -92,9 +94,11 @@ class MixtureSource:
     chains: tuple[MarkovSource, ...]
 
     def bounds(self, seq_len: int) -> tuple[float, float]:
+        """(lower, upper) per-token optimum over seq_len targets; see mixture_entropy_bounds."""
         return mixture_entropy_bounds([c.per_target_optimum(seq_len) for c in self.chains], seq_len)
 
     def sample(self, num: int, length: int, rng: np.random.Generator) -> np.ndarray:
+        """int32 [num, length]: one uniformly drawn topic per sequence, kept throughout."""
         topics = rng.integers(len(self.chains), size=num)
         out = np.empty((num, length), dtype=np.int32)
         for m, chain in enumerate(self.chains):
@@ -119,10 +123,12 @@ class AssocPairsSource:
 
     @property
     def permutation(self) -> np.ndarray:
+        """The fixed answer map f (int32 [V]), drawn from the seed."""
         return np.random.default_rng([self.seed, 7]).permutation(self.vocab_size).astype(np.int32)
 
     @property
     def key_entropy(self) -> float:
+        """H(keys) in nats: the entropy of the key distribution."""
         return entropy(zipf_weights(self.vocab_size, self.zipf_exponent))
 
     def per_target_optimum(self, seq_len: int) -> float:
@@ -132,6 +138,7 @@ class AssocPairsSource:
         return (seq_len // 2) / seq_len * self.key_entropy
 
     def sample(self, num: int, length: int, rng: np.random.Generator) -> np.ndarray:
+        """int32 [num, length] with length = 1 + 2n: filler, then n (key, f(key)) pairs."""
         if length % 2 != 1:
             raise ValueError(f"assoc_pairs stores 1 + 2n tokens, got length {length}")
         cdf = np.cumsum(zipf_weights(self.vocab_size, self.zipf_exponent))
