@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from entropy_jax import probes
+from entropy_jax.probes.stats import paired_eigenvalues
 from entropy_jax.sharding import make_mesh
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -173,3 +174,15 @@ def test_bad_inputs_raise_clear_errors() -> None:
         probes.rankme_cov(x[:, 0])
     with pytest.raises(ValueError, match="fit window"):
         probes.alpha_req(x, (2, 10))
+
+
+def test_block_gram_and_shared_tridiagonalisation_match_numpy() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((40, 600)) + 50.0  # D > 512: the block-triangular scatter path
+    stats = probes.scatter_stats(x, make_mesh(4))
+    xc = x - x.mean(0)
+    np.testing.assert_allclose(np.asarray(stats.m2), xc.T @ xc, rtol=1e-10, atol=1e-9)
+    with jax.enable_x64(True):
+        ev_c, ev_u = paired_eigenvalues(stats, 40)
+    np.testing.assert_allclose(ev_c, np.linalg.eigvalsh(xc @ xc.T)[::-1], rtol=1e-8, atol=1e-8 * float(ev_c[0]))
+    np.testing.assert_allclose(ev_u, np.linalg.eigvalsh(x @ x.T)[::-1], rtol=1e-10)

@@ -18,9 +18,10 @@ from jax.sharding import Mesh
 
 from entropy_jax.probes.stats import (
     check_matrix,
-    descending_eigvalsh,
+    check_stats_finite,
     gram_eigenvalues,
     is_traced,
+    paired_eigenvalues,
     scatter_stats,
     x64_when_eager,
 )
@@ -61,7 +62,6 @@ def rankme(x: Any, *, mesh: Mesh | None = None) -> jax.Array:
     ``X^T X``, min(N, D) of them); ``p = s / sum(s) + 1e-7``; ``RankMe = exp(-sum p ln p)``.
     Dimensionless, in about [1, min(N, D)]. float64 when called eagerly; sharded over ``mesh``.
     """
-    check_matrix(x)
     return rankme_from_singular_values(jnp.sqrt(gram_eigenvalues(x, centred=False, mesh=mesh)))
 
 
@@ -73,7 +73,6 @@ def rankme_cov(x: Any, max_components: int = 2048, *, mesh: Mesh | None = None) 
     ``max_components`` largest kept), ``q = ev / sum|ev| + 1e-7``, ``exp(-sum q ln q)``.
     Dimensionless. Differs from :func:`rankme` (uncentred, singular values, not variances).
     """
-    check_matrix(x)
     return rankme_cov_from_eigenvalues(gram_eigenvalues(x, centred=True, mesh=mesh), max_components)
 
 
@@ -84,7 +83,6 @@ def covariance_spectrum(x: Any, centred: bool = True, *, mesh: Mesh | None = Non
     ``ev`` are eigenvalues of ``Xc^T Xc`` (``centred=True``) or ``X^T X``; ``l`` sums to 1 and is the
     spectrum alpha-ReQ fits and von Neumann entropy integrates. Dimensionless; float64 eagerly.
     """
-    check_matrix(x)
     ev = gram_eigenvalues(x, centred=centred, mesh=mesh)
     return ev / jnp.sum(ev)
 
@@ -97,7 +95,6 @@ def von_neumann_entropy(x: Any, centred: bool = True, *, mesh: Mesh | None = Non
     side (N x N dual Gram when N < D, EntropyPrune's trick). ``exp(S)`` of the centred version is
     the Tracing RankMe without its 1e-7. Identity covariance gives ``ln D``. float64 eagerly.
     """
-    check_matrix(x)
     return von_neumann_from_eigenvalues(gram_eigenvalues(x, centred=centred, mesh=mesh))
 
 
@@ -188,7 +185,7 @@ def alpha_req(
     ``[start+1, min(100, K))``; ``r2_window`` over the fit window itself. Raises ValueError for a
     window outside the spectrum (where the original code crashes).
     """
-    check_matrix(x)
+    check_matrix(x, values=False)
     n, d = np.shape(x)
     window = fit_range if fit_range is not None else default_alpha_window(min(n - 1, d))
     return alpha_req_from_spectrum(gram_eigenvalues(x, centred=True, mesh=mesh), window)
@@ -202,20 +199,21 @@ def spectral_metrics(
     alpha_fit_range: tuple[int, int] | None = None,
     max_components: int = 2048,
 ) -> dict[str, Any]:
-    """All representation-spectrum probes from one pass over ``x`` and two D x D ``eigh``.
+    """All representation-spectrum probes from one pass over ``x`` and one D x D tridiagonalisation.
 
-    One (sharded) scatter pass gives count, mean and centred scatter; the uncentred spectrum
-    (``M2 + n mu mu^T``) feeds ``rankme`` (Garrido) and ``von_neumann_entropy_uncentred``; the
+    One (sharded) scatter pass gives count, mean and centred scatter; both spectra come from
+    one shared ``sytrd`` (see :func:`~entropy_jax.probes.stats.paired_eigenvalues`). The
+    uncentred spectrum (``M2 + n mu mu^T``) feeds ``rankme`` (Garrido) and ``von_neumann_entropy_uncentred``; the
     centred one feeds ``rankme_cov`` (Tracing), ``alpha_req`` / ``alpha_req_r2`` /
     ``alpha_req_r2_100`` and ``von_neumann_entropy`` (nats). Returns python floats (float64),
     the 0-based alpha window, and ``"spectrum"``: the normalised centred spectrum (numpy,
     descending). Memory O(N D + D^2). Eager only (returns host values).
     """
-    check_matrix(x)
+    check_matrix(x, values=False)
     n, d = np.shape(x)
     stats = scatter_stats(x, mesh)
-    ev_u = descending_eigvalsh(stats.uncentred(), min(n, d))
-    ev_c = descending_eigvalsh(stats.m2, min(n, d))
+    check_stats_finite(stats)
+    ev_c, ev_u = paired_eigenvalues(stats, min(n, d))
     window = alpha_fit_range if alpha_fit_range is not None else default_alpha_window(min(n - 1, d))
     fit = alpha_req_from_spectrum(ev_c, window)
     return {

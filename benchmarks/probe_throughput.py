@@ -1,0 +1,198 @@
+"""Probe throughput and memory against plain numpy float64 baselines, measured in one run.
+
+  python benchmarks/probe_throughput.py            # full table (several minutes: official DSE at 10k)
+  python benchmarks/probe_throughput.py --quick    # reduced sizes, well under a minute
+
+Threads are pinned to ``--threads`` (default 1) for BLAS and XLA before anything is imported,
+so the ratios compare algorithms, not core counts. Baselines:
+  (a) Tracing paper: full SVD of the centred matrix (as scikit-learn's PCA 'full' solver does,
+      U, S, Vt), once for RankMe and again for alpha.
+  (b) covariance + eigh: ``Xc^T Xc`` and ``eigvalsh`` (the Tracing metrics only);
+  (b+) the same for every output of spectral_metrics (centred and uncentred: two of each).
+  DSE: the official algorithm written densely (distance matrix, Gaussian, dense diagonal
+      degree matrix, two N x N products, ``np.linalg.eigvalsh``).
+"extra MiB" is peak resident memory above the level just before the call (sampled every 5 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _pin_threads(n: int) -> None:
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if n == 1:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
+
+
+if __name__ == "__main__":
+    _pin_threads(int(next((a.split("=")[1] for a in sys.argv if a.startswith("--threads=")), "1")))
+
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import scipy.linalg  # noqa: E402
+
+from entropy_jax import probes  # noqa: E402
+
+
+def measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """(result, seconds, extra peak RSS in MiB) of one call."""
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    return out, seconds, (max(peak[0], proc.memory_info().rss) - base) / 2**20
+
+
+def _entropy_rank(p: np.ndarray) -> float:
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def _alpha(ev: np.ndarray, start: int = 11, stop: int = 100) -> float:
+    r = np.arange(start, stop) + 1
+    a = np.stack([-np.log(r), np.ones(len(r))], 1)
+    w = (1.0 / r.astype(np.float32))[:, None]
+    return float(np.linalg.solve(a.T @ (a * w), (a * w).T @ np.log(ev[start:stop]))[0])
+
+
+def tracing_svd_baseline(x: np.ndarray) -> dict[str, float]:
+    """(a) sklearn-PCA-style full SVD of the centred matrix, separately for RankMe and alpha."""
+    out = {}
+    for key in ("rankme_cov", "alpha_req"):
+        xc = x - x.mean(0)
+        _, s, _ = scipy.linalg.svd(xc, full_matrices=False)
+        ev = (s**2 / (len(x) - 1))[:2048]
+        ev = ev / ev.sum()
+        out[key] = _entropy_rank(ev / np.abs(ev).sum() + 1e-7) if key == "rankme_cov" else _alpha(ev)
+    return out
+
+
+def covariance_baseline(x: np.ndarray, both: bool) -> dict[str, float]:
+    """(b) covariance + eigvalsh for the Tracing metrics; (b+) also the uncentred Gram."""
+    xc = x - x.mean(0)
+    ev = np.clip(np.linalg.eigvalsh(xc.T @ xc)[::-1], 0, None)
+    lam = ev / ev.sum()
+    out = {"rankme_cov": _entropy_rank(lam + 1e-7), "alpha_req": _alpha(ev)}
+    if both:
+        out["von_neumann_entropy"] = float(-np.sum(lam * np.log(lam)))
+        g = np.clip(np.linalg.eigvalsh(x.T @ x)[::-1], 0, None)
+        s = np.sqrt(g)
+        out["rankme"] = _entropy_rank(s / s.sum() + 1e-7)
+    return out
+
+
+def official_dse(x: np.ndarray, sigma: float = 10.0, t: int = 1) -> float:
+    """The official DSE algorithm as written (dense N x N intermediates, two products)."""
+    sq = (x * x).sum(1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0))
+    g = np.exp(-(dist**2) / (2 * sigma**2))
+    deg = np.diag(1 / np.sum(g, axis=1) ** 0.5)
+    lam = np.abs(np.linalg.eigvalsh(deg @ g @ deg)) ** t
+    p = lam / lam.sum() + np.finfo(float).eps
+    return float(-np.sum(p * np.log2(p)))
+
+
+def _max_rel(ours: dict, base: dict) -> float:
+    return max(abs(ours[k] - v) / abs(v) for k, v in base.items())
+
+
+def spectral_rows(sizes: list[tuple[int, int]], mesh: Any) -> None:
+    print(f"\n{'N x D':>12} {'ours s':>8} {'(a) s':>8} {'(b) s':>8} {'(b+) s':>8} {'a/ours':>7} "
+          f"{'b/ours':>7} {'b+/ours':>8} {'ours MiB':>9} {'max rel diff':>13}")
+    for n, d in sizes:
+        x = np.random.default_rng(0).standard_normal((n, d)) * np.arange(1, d + 1) ** -0.6 + 3.0
+        probes.spectral_metrics(x[: n // 2], mesh=mesh)  # compile other shapes' kernels off the clock
+        probes.spectral_metrics(x, mesh=mesh)
+        ours, t_ours, mem = measure(lambda x=x: probes.spectral_metrics(x, mesh=mesh))
+        a, t_a, _ = measure(lambda x=x: tracing_svd_baseline(x))
+        b, t_b, _ = measure(lambda x=x: covariance_baseline(x, both=False))
+        bp, t_bp, _ = measure(lambda x=x: covariance_baseline(x, both=True))
+        diff = max(_max_rel(ours, a), _max_rel(ours, bp))
+        print(f"{n:>6}x{d:<5} {t_ours:8.2f} {t_a:8.2f} {t_b:8.2f} {t_bp:8.2f} {t_a / t_ours:7.1f} "
+              f"{t_b / t_ours:7.2f} {t_bp / t_ours:8.2f} {mem:9.0f} {diff:13.1e}")
+
+
+def dse_rows(sizes: list[int], official_up_to: int) -> None:
+    print(f"\n{'DSE N':>8} {'ours s':>8} {'ours MiB':>9} {'official s':>11} {'official MiB':>13} "
+          f"{'speedup':>8} {'|diff| bits':>12}")
+    for n in sizes:
+        x = np.random.default_rng(1).standard_normal((n, 128))
+        ours, t_ours, m_ours = measure(lambda x=x: probes.diffusion_spectral_entropy(x, 10.0))
+        if n <= official_up_to:
+            off, t_off, m_off = measure(lambda x=x: official_dse(x, 10.0))
+            print(f"{n:>8} {t_ours:8.2f} {m_ours:9.0f} {t_off:11.2f} {m_off:13.0f} {t_off / t_ours:8.2f} "
+                  f"{abs(ours - off):12.1e}")
+        else:
+            print(f"{n:>8} {t_ours:8.2f} {m_ours:9.0f} {'skipped':>11}")
+
+
+def attention_memory(t: int, key_block: int = 512, dh: int = 64) -> None:
+    """Compiled temporary memory of dense vs blocked attention entropy (one head, float32)."""
+    q = jax.ShapeDtypeStruct((1, 1, t, dh), jnp.float32)
+
+    def dense(q: jax.Array, k: jax.Array) -> jax.Array:
+        return probes.attention_entropy(jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(dh), causal=True)["row"]
+
+    def blocked(q: jax.Array, k: jax.Array) -> jax.Array:
+        return probes.attention_entropy_blocked(q, k, causal=True, key_block=key_block)["row"]
+
+    print(f"\nattention entropy, T = {t}, one head, causal: compiled temp + output memory")
+    rng = np.random.default_rng(2)
+    args = [jnp.asarray(rng.standard_normal((1, 1, t, dh)), jnp.float32) for _ in range(2)]
+    for name, fn in (("dense (T x T logits)", dense), (f"blocked (keys of {key_block})", blocked)):
+        compiled = jax.jit(fn).lower(q, q).compile()
+        stats = compiled.memory_analysis()
+        mib = (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
+        out, seconds, _ = measure(lambda c=compiled: jax.block_until_ready(c(*args)))
+        print(f"  {name:<24} {mib:9.1f} MiB  {seconds:6.2f} s  mean row entropy {float(jnp.nanmean(out)):.6f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (well under a minute)")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS/XLA threads (set before import)")
+    parser.add_argument("--mesh", action="store_true", help="shard spectral_metrics over all devices")
+    args = parser.parse_args()
+    mesh = None
+    if args.mesh:
+        from entropy_jax.sharding import make_mesh
+
+        mesh = make_mesh()
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, threads: {args.threads}")
+    if args.quick:
+        spectral_rows([(2000, 128), (10_000, 512)], mesh)
+        dse_rows([1000, 2000], official_up_to=2000)
+        attention_memory(2048)
+    else:
+        spectral_rows([(2000, 128), (10_000, 512), (15_000, 2048)], mesh)
+        dse_rows([1000, 2000, 5000, 10_000], official_up_to=10_000)
+        attention_memory(8192)
+
+
+if __name__ == "__main__":
+    main()
