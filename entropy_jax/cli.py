@@ -23,6 +23,23 @@ def user_errors() -> Iterator[None]:
         sys.exit(1)
 
 
+class _LibraryFilter(logging.Filter):
+    """Keep warnings from Orbax and TFDS but drop their per-call INFO chatter."""
+
+    NOISY = ("orbax", "tensorflow_datasets", "grain")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def setup_logging() -> None:
+    """INFO from entropy_jax, WARNING and above from the libraries it drives."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    absl_logging.get_absl_handler().addFilter(_LibraryFilter())
+
+
 def summarise_training(result) -> str:
     gap = ""
     if result.entropy_rate is not None and result.final_loss is not None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from entropy_jax import train
-from entropy_jax.cli import summarise_training, user_errors
+from entropy_jax.cli import setup_logging, summarise_training, user_errors
 from entropy_jax.sharding import initialize_distributed
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     initialize_distributed()
-    logging.set_verbosity(logging.INFO)
+    setup_logging()
     with user_errors():
         result = train.train(flags.FLAGS.config, flags.FLAGS.workdir)
     print(summarise_training(result), flush=True)

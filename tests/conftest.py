@@ -7,3 +7,39 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_TEST_DEVICES}"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the XLA flags on purpose)
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def make_test_config(data_dir, **overrides):
+    """The ``test`` preset with its corpus under ``data_dir``; ``overrides`` are dotted keys."""
+    from experiments.configs.pretrain import get_config
+
+    cfg = get_config("test")
+    cfg.data.data_dir = str(data_dir)
+    cfg.data.download = False
+    for key, value in overrides.items():
+        node, *path = key.split(".")
+        target = cfg
+        for part in [node, *path][:-1]:
+            target = target[part]
+        target[[node, *path][-1]] = value
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir):
+    """One trained run of the test preset (8 checkpoints), shared read-only by the tests."""
+    from entropy_jax import train
+
+    workdir = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = make_test_config(data_dir)
+    result = train.train(cfg, workdir)
+    return cfg, workdir, result

@@ -7,6 +7,7 @@ point and started again with the same command produces exactly the uninterrupted
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -138,7 +139,7 @@ def _run(cfg, mcfg, corpus, state, iterator, train_step, mesh, ckpts, writer, st
     """Steps ``start+1 .. train.steps``. Step t is dispatched before step t-1's metrics are pulled."""
     total, ck = cfg.train.steps, cfg.checkpoint
     progress, pending, last = _Progress(start, total), None, {"step": start, "loss": None, "saved": start}
-    window = [start, time.perf_counter()]
+    window = collections.deque([(start, time.perf_counter())], maxlen=21)  # rate over the last 20 steps
 
     def pull(step: int, metrics: dict) -> None:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -149,10 +150,9 @@ def _run(cfg, mcfg, corpus, state, iterator, train_step, mesh, ckpts, writer, st
                 "train.warmup_steps, and use a new --workdir (or delete the later steps) to retry."
             )
         gap = None if corpus.entropy_rate is None else m["loss"] - corpus.entropy_rate
+        window.append((step, time.perf_counter()))
         if step % cfg.train.log_every == 0 or step == total:
-            now = time.perf_counter()
-            rate = (step - window[0]) / max(now - window[1], 1e-9)
-            window[:] = [step, now]
+            rate = (step - window[0][0]) / max(window[-1][1] - window[0][1], 1e-9)
             tokens = cfg.train.batch_size * cfg.train.seq_len
             writer.write(step, {**m, "loss_minus_entropy_rate": gap, "tokens_seen": step * tokens,
                                 "steps_per_sec": rate, "tokens_per_sec": rate * tokens})
