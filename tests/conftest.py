@@ -43,3 +43,23 @@ def tiny_run(tmp_path_factory, data_dir):
     cfg = make_test_config(data_dir)
     result = train.train(cfg, workdir)
     return cfg, workdir, result
+
+
+def execute_notebook(workdir, monkeypatch) -> None:
+    """Run notebooks/phase_trajectories.ipynb top to bottom against ``workdir``; fail on any error cell."""
+    import os
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    kernelspec = pytest.importorskip("jupyter_client.kernelspec")
+    if "python3" not in kernelspec.find_kernel_specs():
+        pytest.skip("no python3 jupyter kernel available")
+    monkeypatch.setenv("ENTROPY_JAX_WORKDIR", str(workdir))
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    path = REPO / "notebooks" / "phase_trajectories.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    nbclient.NotebookClient(notebook, kernel_name="python3", timeout=120,
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]

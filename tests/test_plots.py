@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import execute_notebook
 from matplotlib.image import imread
 from test_phases import STEPS, THREE_PHASES, TOKENS_PER_STEP, trajectory
 
@@ -168,17 +169,4 @@ def test_cli(workdir: Path, tmp_path: Path) -> None:
 
 
 def test_notebook_runs(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    kernelspec = pytest.importorskip("jupyter_client.kernelspec")
-    if "python3" not in kernelspec.find_kernel_specs():
-        pytest.skip("no python3 jupyter kernel available")
-    monkeypatch.setenv("ENTROPY_JAX_WORKDIR", str(workdir))
-    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    path = REPO / "notebooks" / "phase_trajectories.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    nbformat.validate(notebook)
-    nbclient.NotebookClient(notebook, kernel_name="python3", timeout=120,
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
+    execute_notebook(workdir, monkeypatch)

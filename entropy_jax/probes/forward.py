@@ -1,0 +1,86 @@
+"""One sharded forward pass over the fixed probe set, reduced on device to what the probes need.
+
+Per example (so padding can be dropped and batches concatenated exactly):
+  * ``last``/``mean``: residual stream at the last token / mean over tokens, ``(L+1) x D`` each
+    (index 0 = embedding output, index L = after the final norm),
+  * ``attention/*``: per layer and head, the mean over query rows of the measured attention
+    entropy, its normalisation by ln T_i, and the Theorem 3.1 bound under three choices of s,
+  * ``predictive_entropy``: mean over positions and at the last position (nats).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from entropy_jax.probes.attention import attention_entropy, attention_entropy_bounds, predictive_entropy
+from entropy_jax.sharding import data_sharding
+
+ATTENTION_KEYS = ("entropy", "entropy_normalised", "bound_row", "bound_logits", "bound_weights")
+
+
+def _head_kernels(block, d_head: int) -> tuple[jax.Array, jax.Array]:
+    """W_Q (with 1/sqrt(d_head) folded in) and W_K per head: H x D x d_head."""
+    split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], -1, d_head), 1, 0)
+    return split(block.attn.query.kernel[...]) / jnp.sqrt(d_head), split(block.attn.key.kernel[...])
+
+
+def _attention_stats(model, residual: list, attention_logits: list) -> dict[str, jax.Array]:
+    """Per example, layer and head: row-mean entropy and bounds, each B x L x H."""
+    cfg = model.cfg
+    per_layer = []
+    for layer, logits_BxHxTxT in enumerate(attention_logits):
+        ent = jax.vmap(lambda z: attention_entropy(z[None], causal=True))(logits_BxHxTxT)
+        w_q, w_k = _head_kernels(model.blocks[layer], cfg.d_head)
+        x_BxTxD = model.blocks[layer].attn_norm(residual[layer])
+
+        def bounds(z_TxT, wq, wk, x):
+            b = attention_entropy_bounds(z_TxT, causal=True, w_q=wq, w_k=wk, x=x)
+            return jnp.stack([b["bound_row"].mean(), b["bound_matrix"].mean(), b["bound_paper"].mean()])
+
+        per_head = jax.vmap(bounds, in_axes=(0, 0, 0, None))  # over heads
+        bnd_BxHx3 = jax.vmap(per_head, in_axes=(0, None, None, 0))(logits_BxHxTxT, w_q, w_k, x_BxTxD)
+        if cfg.positions == "rope":  # rotations sit between W_Q and W_K: the paper's s does not apply
+            bnd_BxHx3 = bnd_BxHx3.at[..., 2].set(jnp.nan)
+        per_layer.append(jnp.concatenate(
+            [ent["head"][..., None], ent["head_normalised"][..., None], bnd_BxHx3], axis=-1))
+    stacked = jnp.stack(per_layer, axis=1)  # B x L x H x 5
+    return {f"attention/{k}": stacked[..., i] for i, k in enumerate(ATTENTION_KEYS)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probe_forward(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, params)
+    logits_BxTxV, inter = model(tokens_BxT, return_intermediates=True)
+    residual = inter["residual"]
+    h_BxLxTxD = jnp.stack(residual, axis=1)
+    pred_BxT = predictive_entropy(logits_BxTxV)
+    return {
+        "last": h_BxLxTxD[:, :, -1].astype(jnp.float32),
+        "mean": h_BxLxTxD.mean(axis=2, dtype=jnp.float32),
+        "predictive_entropy": pred_BxT.mean(-1),
+        "predictive_entropy_last": pred_BxT[:, -1],
+        **_attention_stats(model, residual, inter["attention_logits"]),
+    }
+
+
+def probe_forward(
+    graphdef: nnx.GraphDef, params: nnx.State, tokens: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int
+) -> dict[str, np.ndarray]:
+    """Forward ``tokens`` (M x T) in global batches sharded over ``mesh``; per-example host arrays.
+
+    The last batch is padded by repeating rows (one compiled shape) and the padding is dropped.
+    """
+    n_dev = mesh.devices.size
+    batch = max(n_dev, min(batch_size, len(tokens)) // n_dev * n_dev)
+    pieces = []
+    for start in range(0, len(tokens), batch):
+        chunk = tokens[start:start + batch]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
+        out = _probe_forward(graphdef, params, jax.device_put(padded, data_sharding(mesh)))
+        pieces.append({k: np.asarray(v)[: len(chunk)] for k, v in jax.device_get(out).items()})
+    return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}

@@ -1,0 +1,48 @@
+"""Probe every checkpoint of a run: append rows to <workdir>/probes/results.parquet.
+
+  python experiments/probe.py --workdir=/tmp/run1
+
+Resumable: rows already in the table are not recomputed, so rerunning after a crash, or
+after adding a probe to the config, computes only what is missing. The probes and the probe
+set come from the run's own config unless --config names another, e.g.
+  python experiments/probe.py --workdir=/tmp/run1 --config=experiments/configs/pretrain.py:tiny \
+      --config.probes.last_token.dse_sigma=10
+Exit status 2 when some checkpoint could not be read (it is reported and skipped).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from entropy_jax.cli import setup_logging, user_errors
+from entropy_jax.probes.sweep import sweep
+from entropy_jax.sharding import initialize_distributed
+
+config_flags.DEFINE_config_file(
+    "config", None,
+    "Optional config whose probe_set and probes sections replace the run's own (e.g. to add a probe).",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "Run folder holding checkpoints/ (as written by experiments/pretrain.py).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed()
+    setup_logging()
+    with user_errors():
+        report = sweep(flags.FLAGS.workdir, flags.FLAGS.config)
+    print(f"probed {len(report.probed_steps)} checkpoints, added {report.rows_added} rows to {report.results_path}")
+    if report.skipped:
+        for step, reason in report.skipped:
+            print(f"skipped step {step}: {reason}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
