@@ -186,3 +186,18 @@ def test_block_gram_and_shared_tridiagonalisation_match_numpy() -> None:
         ev_c, ev_u = paired_eigenvalues(stats, 40)
     np.testing.assert_allclose(ev_c, np.linalg.eigvalsh(xc @ xc.T)[::-1], rtol=1e-8, atol=1e-8 * float(ev_c[0]))
     np.testing.assert_allclose(ev_u, np.linalg.eigvalsh(x @ x.T)[::-1], rtol=1e-10)
+
+
+def test_default_alpha_window_stops_at_the_layernorm_null_direction():
+    """Features centred per row (as LayerNorm does) have an exact null direction; rounding makes its
+    eigenvalue ~1e-13 of the largest. The default window must leave it out, or alpha measures rounding."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2000, 32)) * np.arange(1, 33) ** -0.6
+    x = x - x.mean(axis=1, keepdims=True)
+    m64, m32 = probes.spectral_metrics(x), probes.spectral_metrics(x.astype(np.float32))
+    assert (m64["alpha_fit_start"], m64["alpha_fit_stop"]) == (0, 31)
+    assert float(probes.alpha_req(x).alpha) == pytest.approx(float(probes.alpha_req(x, (0, 31)).alpha), rel=1e-12)
+    assert m64["alpha_req"] == pytest.approx(float(probes.alpha_req(x, (0, 31)).alpha), rel=1e-9)
+    assert m32["alpha_req"] == pytest.approx(m64["alpha_req"], rel=1e-5)
+    with_null = probes.alpha_req(x, (0, 32)).alpha  # the rounding-dominated fit the default avoids
+    assert abs(float(with_null) - m64["alpha_req"]) > 0.1

@@ -108,6 +108,9 @@ class AlphaReqResult(NamedTuple):
     r2_window: jax.Array
 
 
+NULL_EIGENVALUE_RTOL = 1e-9
+
+
 def default_alpha_window(num_eigenvalues: int) -> tuple[int, int]:
     """The paper window ``[11, 100)`` when it exists, else every rank ``[0, K)``.
 
@@ -119,6 +122,16 @@ def default_alpha_window(num_eigenvalues: int) -> tuple[int, int]:
     if num_eigenvalues >= PAPER_ALPHA_WINDOW[1]:
         return PAPER_ALPHA_WINDOW
     return (0, num_eigenvalues)
+
+
+def numerical_rank(ev: jax.Array, rtol: float = NULL_EIGENVALUE_RTOL) -> int:
+    """Number of eigenvalues above ``rtol`` x the largest (``ev`` descending).
+
+    A LayerNorm output has an exact null direction (its features sum to zero); float rounding
+    turns it into an eigenvalue about 1e-13 of the largest. A power law fitted through that
+    eigenvalue measures rounding, not geometry, so default windows stop at the numerical rank.
+    """
+    return int(jnp.sum(ev > rtol * ev[0]))
 
 
 def _r2(y: jax.Array, y_hat: jax.Array, start: int, stop: int) -> jax.Array:
@@ -142,7 +155,9 @@ def _check_window(fit_range: tuple[int, int], k: int) -> None:
 def alpha_req_from_spectrum(ev: jax.Array, fit_range: tuple[int, int] | None = None) -> AlphaReqResult:
     """alpha-ReQ (Agrawal et al. 2022) from a descending spectrum; see :func:`alpha_req`."""
     k = ev.shape[0]
-    start, stop = fit_range if fit_range is not None else default_alpha_window(k)
+    if fit_range is None:
+        fit_range = default_alpha_window(k if is_traced(ev) else numerical_rank(ev))
+    start, stop = fit_range
     _check_window((start, stop), k)
     if not is_traced(ev) and not bool(jnp.all(ev[start:stop] > 0)):
         raise ValueError(
@@ -180,15 +195,15 @@ def alpha_req(
     squares of ``ln ev_r`` on ``[-ln r, 1]`` with weights ``1/r`` over 0-based indices
     ``fit_range = [start, stop)``; ``alpha`` is the slope (dimensionless, ``ev_r ~ r^-alpha``).
     Default window: ``[11, 100)`` (Li et al. 2025) when K >= 100, else ``[0, K)`` (all ranks, see
-    :func:`default_alpha_window`). R^2 on log values as in stringer_get_powerlaw (fastssl /
+    :func:`default_alpha_window`), K the numerical rank (:func:`numerical_rank`: eigenvalues
+    above 1e-9 of the largest, which drops the null direction of LayerNorm outputs). R^2 on log
+    values as in stringer_get_powerlaw (fastssl /
     Tracing code): ``r2`` over indices ``[start+1, min(500, K-10))``, ``r2_100`` over
     ``[start+1, min(100, K))``; ``r2_window`` over the fit window itself. Raises ValueError for a
     window outside the spectrum (where the original code crashes).
     """
     check_matrix(x, values=False)
-    n, d = np.shape(x)
-    window = fit_range if fit_range is not None else default_alpha_window(min(n - 1, d))
-    return alpha_req_from_spectrum(gram_eigenvalues(x, centred=True, mesh=mesh), window)
+    return alpha_req_from_spectrum(gram_eigenvalues(x, centred=True, mesh=mesh), fit_range)
 
 
 @x64_when_eager
@@ -214,7 +229,7 @@ def spectral_metrics(
     stats = scatter_stats(x, mesh)
     check_stats_finite(stats)
     ev_c, ev_u = paired_eigenvalues(stats, min(n, d))
-    window = alpha_fit_range if alpha_fit_range is not None else default_alpha_window(min(n - 1, d))
+    window = alpha_fit_range if alpha_fit_range is not None else default_alpha_window(numerical_rank(ev_c))
     fit = alpha_req_from_spectrum(ev_c, window)
     return {
         "rankme": float(rankme_from_singular_values(jnp.sqrt(ev_u))),
