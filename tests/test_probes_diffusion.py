@@ -118,3 +118,10 @@ def test_bad_inputs_raise_clear_errors() -> None:
         probes.diffusion_spectral_entropy(bad)
     with pytest.raises(ValueError, match="at least 2 samples"):
         probes.diffusion_spectral_entropy(x[:1])
+
+
+def test_in_place_eigensolver_matches_numpy() -> None:
+    a = np.random.default_rng(5).standard_normal((300, 300))
+    sym = a @ a.T / 300 + np.eye(300)
+    expected = np.linalg.eigvalsh(sym)
+    np.testing.assert_allclose(probes.diffusion.symmetric_eigvalsh_inplace(sym.copy()), expected, rtol=1e-12)

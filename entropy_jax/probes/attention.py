@@ -208,7 +208,7 @@ def head_entropy_bins(entropies: Any, max_entropy: Any | None = None) -> dict[st
     if e.ndim not in (1, 2):
         raise ValueError(f"entropies must be (H,) or (L, H) per-head values, got shape {e.shape}")
     top = jnp.max(e) if max_entropy is None else _float(max_entropy)
-    quarter = jnp.clip(jnp.floor(4.0 * e / top), 0, 3).astype(jnp.int32)
+    quarter = jnp.clip(jnp.floor(4.0 * e / jnp.where(top > 0, top, 1.0)), 0, 3).astype(jnp.int32)
     onehot = jax.nn.one_hot(quarter, 4, dtype=e.dtype)
     out = {"fractions": jnp.mean(onehot.reshape(-1, 4), axis=0), "max_entropy": top}
     if e.ndim == 2:

@@ -2,9 +2,10 @@
 
 Exact dense algorithm of the official ``dse_dsmi`` code, arranged to need one N x N float64
 buffer: the Gaussian kernel is written into it block-row-wise (per device when a mesh is given),
-normalised in place, and handed to LAPACK ``syevd`` for eigenvalues only (no eigenvectors, no
-copy). The official code forms the distance matrix, the kernel, a dense diagonal degree matrix
-and two N x N products (about 3.6 GB and O(N^3) extra flops at N = 10k).
+normalised in place, and handed to LAPACK for eigenvalues only (no eigenvectors, no copy; the
+two-stage driver ``dsyevd_2stage`` when scipy's OpenBLAS exports it). The official code forms
+the distance matrix, the kernel, a dense diagonal degree matrix and two N x N products (about
+3.6 GB and O(N^3) extra flops at N = 10k).
 
 Not jittable: the eigendecomposition runs on the host in float64. Inputs of any float dtype are
 upcast to float64 before distances are taken.
@@ -12,7 +13,10 @@ upcast to float64 before distances are taken.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import glob
+import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -82,7 +86,39 @@ def diffusion_eigenvalues(x: np.ndarray, sigma: float, *, mesh: Mesh | None = No
     inv_sqrt_deg = 1.0 / np.sqrt(k.sum(axis=1))
     k *= inv_sqrt_deg[:, None]
     k *= inv_sqrt_deg[None, :]
-    # k is symmetric, so its transpose is a Fortran-ordered view LAPACK can overwrite without a copy.
+    return symmetric_eigvalsh_inplace(k)
+
+
+@functools.cache
+def _two_stage_eigvalsh() -> Callable[..., int] | None:
+    """LAPACKE ``dsyevd_2stage`` from the OpenBLAS bundled with scipy, or None where absent.
+
+    LAPACK's two-stage tridiagonalisation (band reduction in BLAS3, then bulge chasing) is
+    about 2x faster than ``dsytrd`` for eigenvalues only at N >= 4000; scipy does not wrap it.
+    """
+    libs = glob.glob(os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs", "libscipy_openblas-*"))
+    try:
+        fn = ctypes.CDLL(libs[0]).scipy_LAPACKE_dsyevd_2stage
+    except (IndexError, OSError, AttributeError):
+        return None
+    matrix = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
+    fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, ctypes.c_int, matrix, ctypes.c_int, matrix]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def symmetric_eigvalsh_inplace(k: np.ndarray) -> np.ndarray:
+    """Eigenvalues (ascending) of symmetric C-contiguous float64 ``k``, destroying ``k``, no copy.
+
+    Two-stage LAPACK driver when available, else ``scipy.linalg.eigh(driver="evd")``. ``k`` being
+    symmetric, its row-major buffer is also its column-major one, so LAPACK works in place.
+    """
+    n = len(k)
+    two_stage = _two_stage_eigvalsh()
+    if two_stage is not None and k.flags.c_contiguous and k.dtype == np.float64:
+        w = np.empty(n, np.float64)
+        if two_stage(102, b"N", b"L", n, k, n, w) == 0:  # 102: LAPACK_COL_MAJOR
+            return w
     return scipy.linalg.eigh(k.T, eigvals_only=True, overwrite_a=True, check_finite=False, driver="evd")
 
 

@@ -220,7 +220,8 @@ def paired_eigenvalues(stats: ScatterStats, keep: int) -> tuple[jax.Array, jax.A
     q = p - (float(v @ p) / vv) * v
     a = m2 - np.outer(v, q) - np.outer(q, v)
     lwork = int(scipy.linalg.lapack.dsytrd_lwork(len(a), lower=1)[0])
-    _, diag, off, _, info = scipy.linalg.lapack.dsytrd(a, lower=1, lwork=lwork, overwrite_a=1)
+    # a is symmetric: a.T is the same matrix in Fortran order, so LAPACK needs no copy.
+    _, diag, off, _, info = scipy.linalg.lapack.dsytrd(a.T, lower=1, lwork=lwork, overwrite_a=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"dsytrd failed with info={info}")
 
