@@ -114,7 +114,7 @@ NULL_EIGENVALUE_RTOL = 1e-9
 def default_alpha_window(num_eigenvalues: int) -> tuple[int, int]:
     """The paper window ``[11, 100)`` when it exists, else every rank ``[0, K)``.
 
-    ``num_eigenvalues`` is the rank of the centred scatter, ``K = min(N - 1, D)``. For K < 100
+    ``num_eigenvalues`` is the numerical rank K of the centred scatter (<= min(N - 1, D)). For K < 100
     the original code fails; we fit all ranks 1..K instead. SCIENCE.md (2026-11-28) found that
     over ranks 1..d alpha showed the compression phase at d = 32 while the top half (ranks
     1..16) did not, so the full range is the informative small-D choice.
@@ -197,10 +197,10 @@ def alpha_req(
     Default window: ``[11, 100)`` (Li et al. 2025) when K >= 100, else ``[0, K)`` (all ranks, see
     :func:`default_alpha_window`), K the numerical rank (:func:`numerical_rank`: eigenvalues
     above 1e-9 of the largest, which drops the null direction of LayerNorm outputs). R^2 on log
-    values as in stringer_get_powerlaw (fastssl /
-    Tracing code): ``r2`` over indices ``[start+1, min(500, K-10))``, ``r2_100`` over
-    ``[start+1, min(100, K))``; ``r2_window`` over the fit window itself. Raises ValueError for a
-    window outside the spectrum (where the original code crashes).
+    values as in stringer_get_powerlaw (fastssl / Tracing code), M = min(N, D) eigenvalues:
+    ``r2`` over indices ``[start+1, min(500, M-10))`` (500 when M >= 500), ``r2_100`` over
+    ``[start+1, min(100, M))``; ``r2_window`` over the fit window itself. Raises ValueError for
+    a window outside the spectrum (where the original code crashes).
     """
     check_matrix(x, values=False)
     return alpha_req_from_spectrum(gram_eigenvalues(x, centred=True, mesh=mesh), fit_range)
