@@ -1,7 +1,8 @@
 """The grain input pipeline and the fixed probe set.
 
-``make_train_iterator``: source -> this process's slice -> seeded shuffle (reshuffled every
-epoch) -> infinite repeat -> (inputs, targets) split -> batch. It is a grain ``DatasetIterator``:
+``make_train_iterator``: record indices -> this process's slice -> seeded shuffle (reshuffled
+every epoch) -> infinite repeat -> batch of indices -> one batched read -> (inputs, targets).
+It is a grain ``DatasetIterator``:
 ``get_state()`` is a small JSON-serialisable dict and ``set_state(state)`` resumes so that the
 following batches are exactly those of an uninterrupted iterator (epoch boundaries included,
 since the shuffle of epoch e is a pure function of (seed, e)).
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 
 # Modest threading: records are small and in local files; the CPU is shared with the train step.
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 
 class CorpusLike(Protocol):
@@ -35,14 +36,22 @@ def split_example(record: Mapping[str, np.ndarray], seq_len: int) -> dict[str, n
     return {"inputs": tokens[:seq_len], "targets": tokens[1 : seq_len + 1]}
 
 
-class _SplitExample(grain.transforms.Map):
-    """grain Map wrapper of ``split_example`` (picklable, for worker processes)."""
+class _ReadBatch(grain.transforms.Map):
+    """Shuffled record indices -> one batch, read with a single ``__getitems__`` call.
 
-    def __init__(self, seq_len: int):
-        self.seq_len = seq_len
+    A batched read of array_record is about 15x faster than reading records one by one (TFDS
+    decodes each record in Python), which keeps input off the train step's critical path.
+    """
 
-    def map(self, element):
-        return split_example(element, self.seq_len)
+    def __init__(self, source: Any, seq_len: int):
+        self.source, self.seq_len = source, seq_len
+
+    def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        idx = [int(i) for i in indices]
+        getitems = getattr(self.source, "__getitems__", None)
+        records = getitems(idx) if getitems is not None else [self.source[i] for i in idx]
+        rows = [split_example(r, self.seq_len) for r in records]
+        return {k: np.stack([r[k] for r in rows]) for k in ("inputs", "targets")}
 
 
 def make_train_iterator(
@@ -64,12 +73,12 @@ def make_train_iterator(
     if batch_size % count:
         raise ValueError(f"global batch {batch_size} is not divisible by {count} processes")
     local = batch_size // count
-    ds = grain.MapDataset.source(corpus.train)[index::count]
+    ds = grain.MapDataset.range(len(corpus.train))[index::count]
     if len(ds) < local:
         raise ValueError(f"{len(ds)} training sequences on this process, fewer than a batch of {local}")
-    ds = ds.shuffle(seed=seed % 2**32).repeat(None).map(_SplitExample(corpus.seq_len))
-    ds = ds.to_iter_dataset(_READ_OPTIONS).batch(local, drop_remainder=True)
-    return iter(ds)
+    ds = ds.shuffle(seed=seed % 2**32).repeat(None).batch(local, drop_remainder=True)
+    ds = ds.map(_ReadBatch(corpus.train, corpus.seq_len))
+    return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
 
 def probe_set(corpus: CorpusLike, num_sequences: int) -> tuple[np.ndarray, str]:

@@ -88,7 +88,11 @@ def rotary(x_BxTxHxK: jax.Array, base: float = 10_000.0) -> jax.Array:
 
 
 class CausalSelfAttention(nnx.Module):
-    """Multi-head causal self-attention with separate W_Q, W_K, W_V, W_O (probes read W_Q, W_K)."""
+    """Multi-head causal self-attention with separate W_Q, W_K, W_V, W_O (probes read W_Q, W_K).
+
+    Projections run on the flattened ``(B*T) x D`` tokens: XLA:CPU lowers the weight gradient of
+    a 2-D matmul to one GEMM, but of a ``BxTxD`` one to a much slower two-axis contraction.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -101,8 +105,9 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
+        x_NxD = x_BxTxD.reshape(b * t, cfg.d_model)
         heads = lambda y: y.reshape(b, t, cfg.num_heads, cfg.d_head)
-        q, k, v = heads(self.query(x_BxTxD)), heads(self.key(x_BxTxD)), heads(self.value(x_BxTxD))
+        q, k, v = heads(self.query(x_NxD)), heads(self.key(x_NxD)), heads(self.value(x_NxD))
         if cfg.positions == "rope":
             q, k = rotary(q), rotary(k)
         logits_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) / jnp.sqrt(cfg.d_head)
@@ -110,7 +115,7 @@ class CausalSelfAttention(nnx.Module):
         logits_BxHxTxT = jnp.where(causal_TxT, logits_BxHxTxT, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits_BxHxTxT, axis=-1).astype(v.dtype)
         y_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-        return self.out(y_BxTxHxK.reshape(b, t, cfg.d_model)), logits_BxHxTxT
+        return self.out(y_BxTxHxK.reshape(b * t, cfg.d_model)).reshape(b, t, cfg.d_model), logits_BxHxTxT
 
 
 class MLP(nnx.Module):
@@ -119,8 +124,9 @@ class MLP(nnx.Module):
         self.up = nnx.Linear(cfg.d_model, cfg.ff_width, dtype=cfg.dtype, rngs=rngs)
         self.down = nnx.Linear(cfg.ff_width, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(self.act(self.up(x)))
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1])
+        return self.down(self.act(self.up(x_NxD))).reshape(x_BxTxD.shape)
 
 
 class Block(nnx.Module):
@@ -165,11 +171,9 @@ class Transformer(nnx.Module):
             attention_logits.append(logits_BxHxTxT)
         h_BxTxD = self.final_norm(h_BxTxD)
         residual[-1] = h_BxTxD
-        if self.cfg.tie_embeddings:
-            logits_BxTxV = self.embed.attend(h_BxTxD)
-        else:
-            logits_BxTxV = self.unembed(h_BxTxD)
-        logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+        h_NxD = h_BxTxD.reshape(-1, self.cfg.d_model)
+        logits_NxV = self.embed.attend(h_NxD) if self.cfg.tie_embeddings else self.unembed(h_NxD)
+        logits_BxTxV = logits_NxV.reshape(*tokens_BxT.shape, -1).astype(jnp.float32)
         if not return_intermediates:
             return logits_BxTxV
         return logits_BxTxV, {"residual": residual, "attention_logits": attention_logits}
