@@ -43,7 +43,7 @@ def setup_logging() -> None:
 def summarise_training(result) -> str:
     gap = ""
     if result.entropy_rate is not None and result.final_loss is not None:
-        gap = (f" = entropy rate {result.entropy_rate:.4f} + {result.final_loss - result.entropy_rate:.4f}"
+        gap = (f" = entropy rate {result.entropy_rate:.4f} {result.final_loss - result.entropy_rate:+.4f}"
                " nats/token")
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     return (

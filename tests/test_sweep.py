@@ -66,7 +66,7 @@ def test_one_row_per_checkpoint_probe_layer_head_metric(swept):
         assert rows.ckpt_hash.nunique() == 1 and rows.tokens_seen.iloc[0] == step * 32 * 16
     assert len(table) == len(steps) * len(expected)
     assert (table.run == workdir.name).all() and (table.stage == "pretrain").all()
-    assert np.isfinite(table[table.metric != "attention_bound_weights"].value).all()
+    assert np.isfinite(table[table.metric != "attention_entropy_bound_weights"].value).all()
     spectra = sorted(p.name for p in (workdir / "probes" / "spectra").glob("*.npz"))
     assert spectra == [f"step_{s:08d}.npz" for s in steps]
 

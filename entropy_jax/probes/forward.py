@@ -20,7 +20,10 @@ from flax import nnx
 from entropy_jax.probes.attention import attention_entropy, attention_entropy_bounds, predictive_entropy
 from entropy_jax.sharding import data_sharding
 
-ATTENTION_KEYS = ("entropy", "entropy_normalised", "bound_row", "bound_logits", "bound_weights")
+# Per layer and head, means over query rows (nats): measured entropy, entropy / ln T_i, and the
+# Theorem 3.1 bound with s = each row's norm, the logit matrix's spectral norm, ||W_K W_Q^T|| ||X X^T||.
+ATTENTION_METRICS = ("attention_entropy", "attention_entropy_normalised", "attention_entropy_bound_row",
+                     "attention_entropy_bound_logits", "attention_entropy_bound_weights")
 
 
 def _head_kernels(block, d_head: int) -> tuple[jax.Array, jax.Array]:
@@ -49,7 +52,7 @@ def _attention_stats(model, residual: list, attention_logits: list) -> dict[str,
         per_layer.append(jnp.concatenate(
             [ent["head"][..., None], ent["head_normalised"][..., None], bnd_BxHx3], axis=-1))
     stacked = jnp.stack(per_layer, axis=1)  # B x L x H x 5
-    return {f"attention/{k}": stacked[..., i] for i, k in enumerate(ATTENTION_KEYS)}
+    return {f"attention/{k}": stacked[..., i] for i, k in enumerate(ATTENTION_METRICS)}
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -37,7 +37,7 @@ from entropy_jax import data
 from entropy_jax.checkpoint import CheckpointReadError, Checkpoints, abstract_like
 from entropy_jax.models import ModelConfig, Transformer
 from entropy_jax.probes.diffusion import diffusion_spectral_entropy
-from entropy_jax.probes.forward import ATTENTION_KEYS, probe_forward
+from entropy_jax.probes.forward import ATTENTION_METRICS, probe_forward
 from entropy_jax.probes.spectra import spectral_metrics
 from entropy_jax.probes.table import ResultsTable, RowKey
 from entropy_jax.probes.weights import _path_name, weight_spectra
@@ -70,9 +70,8 @@ def expected_keys(name: str, entry: Any, mcfg: ModelConfig, weight_paths: Iterab
         metrics = REPRESENTATION_METRICS + (("dse_bits",) if entry.get("dse_sigma", 0) else ())
         return {(name, layer, -1, m) for layer in range(mcfg.num_layers + 1) for m in metrics}
     if kind == "attention":
-        return {(name, layer, head, f"attention_{k}" if k != "entropy" else "attention_entropy")
-                for layer in range(1, mcfg.num_layers + 1) for head in range(-1, mcfg.num_heads)
-                for k in ATTENTION_KEYS}
+        return {(name, layer, head, m) for layer in range(1, mcfg.num_layers + 1)
+                for head in range(-1, mcfg.num_heads) for m in ATTENTION_METRICS}
     if kind == "weights":
         return {(name, _block_of(p), -1, f"{p}/{s}") for p in weight_paths for s in WEIGHT_STATS}
     if kind == "output":
@@ -82,10 +81,8 @@ def expected_keys(name: str, entry: Any, mcfg: ModelConfig, weight_paths: Iterab
 
 def _attention_values(name: str, out: dict[str, np.ndarray]) -> dict[RowKey, float]:
     values = {}
-    for k in ATTENTION_KEYS:
-        metric = "attention_entropy" if k == "entropy" else f"attention_{k}"
-        per_head = np.nanmean(out[f"attention/{k}"], axis=0) if not np.all(np.isnan(out[f"attention/{k}"])) \
-            else np.full(out[f"attention/{k}"].shape[1:], np.nan)  # L x H
+    for metric in ATTENTION_METRICS:
+        per_head = out[f"attention/{metric}"].mean(axis=0)  # L x H (NaN: bound undefined, e.g. rope)
         for layer, heads in enumerate(per_head, start=1):
             values[(name, layer, -1, metric)] = float(np.mean(heads))
             values.update({(name, layer, h, metric): float(v) for h, v in enumerate(heads)})

@@ -60,7 +60,7 @@ class _Progress:
         self.every = max(1, total // 20)
 
     def update(self, step: int, loss: float, gap: float | None) -> None:
-        text = f"loss {loss:.4f}" + ("" if gap is None else f" (+{gap:.4f} over entropy rate)")
+        text = f"loss {loss:.4f}" + ("" if gap is None else f" ({gap:+.4f} vs entropy rate)")
         if self.tty:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
