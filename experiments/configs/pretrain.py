@@ -12,6 +12,12 @@ Presets:
         256, batch 32 (8k tokens per step); for GPUs or long CPU runs.
           python experiments/pretrain.py --config=experiments/configs/pretrain.py:small \
               --workdir=/tmp/small --config.train.steps=20000
+  uniform  Control for tiny: the same corpus with uniform key frequencies (the Tracing paper
+        attributes the phases to skewed frequencies; expect a weaker collapse, then a rise).
+          python run.py --config=experiments/configs/pretrain.py:uniform --workdir=runs/uniform
+  wide  Control for tiny: vocabulary 32 = width 32, i.e. no bottleneck (expect collapse, then
+        saturation without a compression phase).
+          python run.py --config=experiments/configs/pretrain.py:wide --workdir=runs/wide
   test  A 1-layer width-16 model and 80 steps on a V = 64 Markov chain: what the tests run
         (ends about 0.35 nats/token above the entropy rate).
 
@@ -101,6 +107,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c = base_config()
     if preset == "tiny":
         pass
+    elif preset == "uniform":
+        c.data.uniform = True
+    elif preset == "wide":
+        c.data.vocab_size = 32
     elif preset == "small":
         c.data.name = "markov"
         c.data.zipf_exponent = 1.1
@@ -137,5 +147,5 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         c.probe_set.num_sequences = 64
         c.probe_set.batch_size = 32
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose tiny, small or test")
+        raise ValueError(f"unknown preset {preset!r}; choose tiny, uniform, wide, small or test")
     return c
