@@ -13,17 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import matplotlib
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-matplotlib.use("Agg")
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from entropy_jax import analysis, train  # noqa: E402
-from entropy_jax.cli import setup_logging, summarise_training, user_errors  # noqa: E402
-from entropy_jax.probes.sweep import sweep  # noqa: E402
-from entropy_jax.sharding import initialize_distributed, is_writer  # noqa: E402
+from entropy_jax import analysis, train
+from entropy_jax.cli import start, summarise_training, user_errors
+from entropy_jax.probes.sweep import sweep
+from entropy_jax.sharding import is_writer
 
 config_flags.DEFINE_config_file(
     "config", str(Path(__file__).parent / "experiments/configs/pretrain.py") + ":tiny",
@@ -34,10 +30,7 @@ flags.DEFINE_string("workdir", "runs/demo", "Output folder (checkpoints, metrics
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    initialize_distributed()
-    setup_logging()
+    start(argv)
     workdir = Path(flags.FLAGS.workdir).absolute()
     logging.info("workdir: %s", workdir)
     with user_errors():
@@ -45,15 +38,10 @@ def main(argv: list[str]) -> None:
         report = sweep(workdir)
     if not is_writer():
         return
-    table = analysis.load_results(workdir)
-    metrics = analysis.load_train_metrics(workdir)
-    phases = analysis.detect_phases(table, train_metrics=metrics)
-    phases_path = analysis.write_phases(phases, workdir)
-    pngs = analysis.plot_all(workdir)
+    analysis_report = analysis.analyse(workdir)
     print("\n" + summarise_training(result))
     print(f"probe results: {report.results_path} ({report.rows_added} rows added this run)")
-    print(f"phases: {phases_path}\n{analysis.format_phases(phases)}")
-    print("plots:\n" + "\n".join(f"  {p}" for p in pngs), flush=True)
+    print(analysis_report, flush=True)
     if report.skipped:
         print(f"skipped unreadable checkpoints: {[s for s, _ in report.skipped]}", file=sys.stderr)
         sys.exit(2)

@@ -40,6 +40,19 @@ def setup_logging() -> None:
     absl_logging.get_absl_handler().addFilter(_LibraryFilter())
 
 
+def start(argv: list[str]) -> None:
+    """What every entry point does first: reject stray arguments, join the multi-process
+    runtime when launched on several hosts, and set up logging."""
+    from absl import app
+
+    from entropy_jax.sharding import initialize_distributed
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed()
+    setup_logging()
+
+
 def summarise_training(result) -> str:
     gap = ""
     if result.entropy_rate is not None and result.final_loss is not None:

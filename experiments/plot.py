@@ -13,13 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import matplotlib
+from absl import app, flags, logging
 
-matplotlib.use("Agg")
-
-from absl import app, flags, logging  # noqa: E402
-
-from entropy_jax.analysis import phases, plots, results  # noqa: E402
+from entropy_jax.analysis import analyse
+from entropy_jax.cli import setup_logging, user_errors
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory holding probes/results.parquet (written by experiments/probe.py).",
@@ -37,20 +34,13 @@ _LAYER = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup_logging()
     workdir = Path(_WORKDIR.value)
     if not workdir.is_dir():
         sys.exit(f"error: workdir {workdir} does not exist")
-    try:
-        table = results.load_results(workdir)
-        paths = plots.plot_all(workdir, probe=_PROBE.value, layer=_LAYER.value)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    train_metrics = results.load_optional(results.load_train_metrics, workdir, "warmup inference")
-    phase_table = phases.detect_phases(table, train_metrics=train_metrics)
-    logging.info("phase table written to %s\n%s", phases.write_phases(phase_table, workdir),
-                 phases.format_phases(phase_table))
-    for path in paths:
-        logging.info("wrote %s", path)
+    with user_errors():
+        report = analyse(workdir, probe=_PROBE.value, layer=_LAYER.value)
+    logging.info("%s", report)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from entropy_jax import train
-from entropy_jax.cli import setup_logging, summarise_training, user_errors
-from entropy_jax.sharding import initialize_distributed
+from entropy_jax.cli import start, summarise_training, user_errors
 
 CONFIGS = Path(__file__).parent / "configs"
 config_flags.DEFINE_config_file(
@@ -30,10 +29,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    initialize_distributed()
-    setup_logging()
+    start(argv)
     with user_errors():
         result = train.train(flags.FLAGS.config, flags.FLAGS.workdir)
     print(summarise_training(result), flush=True)

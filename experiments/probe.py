@@ -17,9 +17,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from entropy_jax.cli import setup_logging, user_errors
+from entropy_jax.cli import start, user_errors
 from entropy_jax.probes.sweep import sweep
-from entropy_jax.sharding import initialize_distributed
 
 config_flags.DEFINE_config_file(
     "config", None,
@@ -31,10 +30,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    initialize_distributed()
-    setup_logging()
+    start(argv)
     with user_errors():
         report = sweep(flags.FLAGS.workdir, flags.FLAGS.config)
     print(f"probed {len(report.probed_steps)} checkpoints, added {report.rows_added} rows to {report.results_path}")

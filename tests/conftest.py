@@ -63,3 +63,18 @@ def execute_notebook(workdir, monkeypatch) -> None:
                             resources={"metadata": {"path": str(path.parent)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+
+
+def kill_when_exists(proc, path, timeout: float = 300.0) -> None:
+    """SIGKILL ``proc`` (not a clean exit) as soon as ``path`` appears; fail if it ends first."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL

@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, make_test_config
+from conftest import REPO, kill_when_exists, make_test_config
 from flax import nnx
 
 from entropy_jax import train
@@ -66,15 +64,7 @@ def test_exact_resume_after_sigkill(tmp_path, data_dir, tiny_run):
     """Kill -9 after a checkpoint, rerun the same command: same losses after the resume point, same params."""
     cfg, reference, _ = tiny_run
     workdir = tmp_path / "killed"
-    proc = _cli("experiments/pretrain.py", workdir, data_dir)
-    deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "16").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_exists(_cli("experiments/pretrain.py", workdir, data_dir), workdir / "checkpoints" / "16")
     killed_at = max(r["step"] for r in read_metrics(workdir))
     assert killed_at < cfg.train.steps, "the run finished before it was killed: nothing was tested"
     out, err = _cli("experiments/pretrain.py", workdir, data_dir).communicate(timeout=300)

@@ -1,16 +1,14 @@
 """The probe sweep over a real tiny run: completeness, resumability, parity with direct calls, sharding."""
 
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, execute_notebook
+from conftest import REPO, execute_notebook, kill_when_exists
 from flax import nnx
 
 from entropy_jax import probes
@@ -147,14 +145,7 @@ def test_corrupted_checkpoint_is_reported_and_skipped(swept, tmp_path):
 def test_sigkilled_sweep_resumes_to_the_same_table(swept, tmp_path):
     _, workdir, _ = swept
     work = _copy(workdir, tmp_path)
-    proc = _probe_cli(work)
-    deadline = time.time() + 300
-    while not (work / "probes" / "results.parquet").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists(_probe_cli(work), work / "probes" / "results.parquet")
     partial = load_results(work)
     assert partial.step.nunique() < load_results(workdir).step.nunique(), "sweep finished before the kill"
     out, err = _probe_cli(work).communicate(timeout=300)

@@ -40,7 +40,7 @@ from entropy_jax.probes.diffusion import diffusion_spectral_entropy
 from entropy_jax.probes.forward import ATTENTION_METRICS, probe_forward
 from entropy_jax.probes.spectra import spectral_metrics
 from entropy_jax.probes.table import ResultsTable, RowKey
-from entropy_jax.probes.weights import _path_name, weight_spectra
+from entropy_jax.probes.weights import param_path, weight_spectra
 from entropy_jax.sharding import make_mesh, replicated
 
 REPRESENTATION_METRICS = ("rankme", "rankme_cov", "alpha_req", "alpha_req_r2",
@@ -162,54 +162,58 @@ def sweep(workdir: str | Path, probe_config: ml_collections.ConfigDict | None = 
     to the run's own config saved in its latest checkpoint."""
     workdir = Path(workdir).absolute()
     ckpts = Checkpoints(workdir, read_only=True)
-    steps = ckpts.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {ckpts.directory}: train first (experiments/pretrain.py)")
-    cfg = ml_collections.ConfigDict(ckpts.read_meta(steps[-1])["config"])
-    if probe_config is not None:
-        cfg.probe_set, cfg.probes = probe_config.probe_set, probe_config.probes
-    mcfg = ModelConfig(**ckpts.read_meta(steps[-1])["model_config"])
-    mesh = mesh or make_mesh()
-    tokens = fixed_probe_set(workdir, cfg)
-    abstract = abstract_like(nnx.state(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))), nnx.Param),
-                             replicated(mesh))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
-    weight_paths = [p for p, leaf in _named_leaves(nnx.to_pure_dict(abstract)) if len(leaf.shape) >= 2]
-    entries = {name: cfg.probes[name] for name in cfg.probes}
-    expected = {n: expected_keys(n, e, mcfg, weight_paths) for n, e in entries.items()}
-    table, report, run = ResultsTable(workdir), SweepReport(), workdir.name
-    for step in tqdm(steps, desc="checkpoints", unit="ckpt", disable=not sys.stderr.isatty()):
-        try:
-            report.rows_added += _probe_step(step, ckpts, table, run, entries, expected, graphdef, abstract,
-                                             tokens, mesh, cfg, workdir, report)
-        except CheckpointReadError as e:
-            logging.error("skipping step %d: %s", step, e)
-            report.skipped.append((step, str(e)))
-    ckpts.close()
-    report.results_path = table.path
-    return report
+    try:
+        steps = ckpts.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {ckpts.directory}: train first (experiments/pretrain.py)")
+        run = _Sweep(workdir, ckpts, ckpts.read_meta(steps[-1]), probe_config, mesh or make_mesh())
+        for step in tqdm(steps, desc="checkpoints", unit="ckpt", disable=not sys.stderr.isatty()):
+            try:
+                run.probe(step)
+            except CheckpointReadError as e:
+                logging.error("skipping step %d: %s", step, e)
+                run.report.skipped.append((step, str(e)))
+    finally:
+        ckpts.close()
+    run.report.results_path = run.table.path
+    return run.report
 
 
-def _probe_step(step, ckpts, table, run, entries, expected, graphdef, abstract, tokens, mesh, cfg, workdir,
-                report) -> int:
-    meta = ckpts.read_meta(step)
-    present = table.present(run, meta["stage"], step)
-    todo = {n: expected[n] - present for n in entries if expected[n] - present}
-    if not todo:
-        return 0
-    params = ckpts.restore_params(step, abstract)
-    out = probe_forward(graphdef, params, tokens, mesh, cfg.probe_set.batch_size)
-    base = {"run": run, "stage": meta["stage"], "step": step, "tokens_seen": meta["tokens_seen"],
-            "ckpt_hash": params_hash(params)}
-    spectra, rows = {}, []
-    for name, missing in todo.items():
-        rows += _rows(compute_values(name, entries[name], out, params, mesh, spectra), missing, base)
-    _save_spectra(workdir / "probes" / "spectra", step, spectra)
-    added = table.append(rows) if jax.process_index() == 0 else 0
-    report.probed_steps.append(step)
-    logging.info("probed step %d (%d tokens): %d rows -> %s", step, meta["tokens_seen"], added, table.path)
-    return added
+class _Sweep:
+    """What every checkpoint of one run shares: model skeleton, probe set, expected rows, table."""
 
+    def __init__(self, workdir: Path, ckpts: Checkpoints, meta: dict, probe_config, mesh):
+        cfg = ml_collections.ConfigDict(meta["config"])
+        if probe_config is not None:
+            cfg.probe_set, cfg.probes = probe_config.probe_set, probe_config.probes
+        mcfg = ModelConfig(**meta["model_config"])
+        skeleton = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
+        self.graphdef = nnx.graphdef(skeleton)
+        self.abstract = abstract_like(nnx.state(skeleton, nnx.Param), replicated(mesh))
+        weight_paths = [param_path(p) for p, leaf in jax.tree_util.tree_flatten_with_path(
+            nnx.to_pure_dict(self.abstract))[0] if len(leaf.shape) >= 2]
+        self.entries = {name: cfg.probes[name] for name in cfg.probes}
+        self.expected = {n: expected_keys(n, e, mcfg, weight_paths) for n, e in self.entries.items()}
+        self.tokens = fixed_probe_set(workdir, cfg)
+        self.batch_size, self.mesh, self.ckpts, self.workdir = cfg.probe_set.batch_size, mesh, ckpts, workdir
+        self.table, self.report = ResultsTable(workdir), SweepReport()
 
-def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
-    return [(_path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    def probe(self, step: int) -> None:
+        """Compute and append the rows of checkpoint ``step`` that the table lacks."""
+        meta = self.ckpts.read_meta(step)
+        present = self.table.present(self.workdir.name, meta["stage"], step)
+        todo = {n: keys - present for n, keys in self.expected.items() if keys - present}
+        if not todo:
+            return
+        params = self.ckpts.restore_params(step, self.abstract)
+        out = probe_forward(self.graphdef, params, self.tokens, self.mesh, self.batch_size)
+        base = {"run": self.workdir.name, "stage": meta["stage"], "step": step,
+                "tokens_seen": meta["tokens_seen"], "ckpt_hash": params_hash(params)}
+        spectra, rows = {}, []
+        for name, missing in todo.items():
+            rows += _rows(compute_values(name, self.entries[name], out, params, self.mesh, spectra), missing, base)
+        _save_spectra(self.workdir / "probes" / "spectra", step, spectra)
+        added = self.table.append(rows) if jax.process_index() == 0 else 0
+        self.report.rows_added += added
+        self.report.probed_steps.append(step)
+        logging.info("probed step %d (%d tokens): %d rows -> %s", step, meta["tokens_seen"], added, self.table.path)

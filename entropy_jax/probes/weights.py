@@ -49,7 +49,7 @@ def matrix_spectrum(w: Any) -> MatrixSpectrum:
     return _spectrum_from_matrix(as_float(w))
 
 
-def _path_name(path: tuple) -> str:
+def param_path(path: tuple) -> str:
     """'/'-joined pytree path: dict keys, attribute names and sequence indices."""
     parts = []
     for key in path:
@@ -76,7 +76,7 @@ def weight_spectra(params: Any, *, min_ndim: int = 2) -> dict[str, dict[str, Any
             continue
         w = np.asarray(leaf, dtype=np.float64)
         spec = matrix_spectrum(w.reshape(w.shape[0], -1))
-        out[_path_name(path)] = {
+        out[param_path(path)] = {
             "spectral_norm": float(spec.spectral_norm),
             "frobenius_norm": float(spec.frobenius_norm),
             "stable_rank": float(spec.stable_rank),
