@@ -30,8 +30,10 @@ class MetricWriter:
             self._truncate_after(resume_step)
         self._file = self.path.open("a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter  # optional sink
-
+            try:
+                from tensorboardX import SummaryWriter  # optional sink
+            except ImportError as e:
+                raise ValueError("train.tensorboard=True needs tensorboardX: pip install tensorboardX") from e
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
