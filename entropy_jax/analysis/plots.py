@@ -21,6 +21,7 @@ from matplotlib.patches import Patch
 
 from entropy_jax.analysis import phases as ph
 from entropy_jax.analysis import results as res
+from entropy_jax.probes.spectra import numerical_rank
 
 PHASE_COLOURS = {
     ph.WARMUP: "tab:orange", ph.ENTROPY_SEEKING: "tab:green", ph.COMPRESSION_SEEKING: "tab:purple",
@@ -194,7 +195,8 @@ def make_spectra_figure(
     ax = fig.subplots()
     for i, step in enumerate(chosen):
         eigenvalues = np.asarray(spectra[step][key], dtype=np.float64)
-        eigenvalues = eigenvalues[eigenvalues > 0]
+        # Only the numerical rank: a LayerNorm null direction would otherwise add a ~1e-16 cliff.
+        eigenvalues = eigenvalues[: numerical_rank(eigenvalues)]
         ax.loglog(np.arange(1, len(eigenvalues) + 1), eigenvalues, color=cmap(i), lw=1.2)
     ax.set_xlabel("rank r")
     ax.set_ylabel("normalised eigenvalue (share of variance)")
