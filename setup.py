@@ -26,7 +26,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "ruff>=0.6"],
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "ruff>=0.6", "psutil>=5.9"],
         "notebooks": ["jupyterlab>=4", "ipykernel>=6.29"],
     },
 )
