@@ -24,15 +24,17 @@ def user_errors() -> Iterator[None]:
 
 
 class _LibraryFilter(logging.Filter):
-    """Keep warnings from Orbax and TFDS but drop their per-call INFO chatter."""
+    """Keep warnings from Orbax, TFDS, grain and JAX's backend probe; drop their INFO chatter."""
 
-    NOISY = ("orbax", "tensorflow_datasets", "grain")
+    NOISY = ("orbax", "tensorflow_datasets", "grain", "xla_bridge")
+    EXPECTED = ("Using custom data configuration", "read only", "read_only=True")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not any(n in record.pathname for n in self.NOISY):
             return True
-        # TFDS warns on every load of a builder config made at run time, which ours all are.
-        return record.levelno >= logging.WARNING and "Using custom data configuration" not in str(record.msg)
+        # Warnings about what we ask for on purpose: builder configs made at run time (all of ours)
+        # and read-only checkpoint managers (the probe sweep).
+        return record.levelno >= logging.WARNING and not any(e in str(record.msg) for e in self.EXPECTED)
 
 
 def setup_logging() -> None:
