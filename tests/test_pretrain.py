@@ -14,7 +14,7 @@ from flax import nnx
 from entropy_jax import train
 from entropy_jax.checkpoint import Checkpoints, ConfigMismatchError, is_save_step
 from entropy_jax.sharding import make_mesh
-from entropy_jax.train.loop import abstract_params, model_config
+from entropy_jax.train.loop import abstract_model, model_config
 from entropy_jax.train.metric_writer import read_metrics
 
 
@@ -26,7 +26,7 @@ def _cli(script, workdir, data_dir, *flags, **popen):
 
 def _final_params(cfg, workdir, step):
     mesh = make_mesh()
-    target = abstract_params(model_config(cfg, cfg.data.vocab_size), mesh)
+    _, target = abstract_model(model_config(cfg, cfg.data.vocab_size), mesh)
     ckpts = Checkpoints(workdir, read_only=True)
     try:
         return jax.device_get(nnx.to_pure_dict(ckpts.restore_params(step, target)))

@@ -18,7 +18,7 @@ from entropy_jax.models import ModelConfig, Transformer
 from entropy_jax.probes.forward import probe_forward
 from entropy_jax.probes.sweep import expected_keys, sweep
 from entropy_jax.sharding import make_mesh
-from entropy_jax.train.loop import abstract_params
+from entropy_jax.train.loop import abstract_model
 
 KEYS = ["run", "stage", "step", "probe", "layer", "head", "metric"]
 
@@ -45,7 +45,7 @@ def swept(tiny_run, tmp_path_factory):
 def _expected(cfg, workdir):
     meta = Checkpoints(workdir, read_only=True).read_meta(cfg.train.steps)
     mcfg = ModelConfig(**meta["model_config"])
-    abstract = nnx.to_pure_dict(abstract_params(mcfg, make_mesh()))
+    abstract = nnx.to_pure_dict(abstract_model(mcfg, make_mesh())[1])
     paths = ["/".join(str(k.key) for k in p) for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
              if leaf.ndim >= 2]
     return mcfg, set().union(*(expected_keys(n, e, mcfg, paths) for n, e in cfg.probes.items()))
@@ -89,7 +89,7 @@ def test_sweep_values_equal_direct_probe_calls(swept):
     table = load_results(workdir)
     step = cfg.train.steps
     mcfg, _ = _expected(cfg, workdir)
-    params = Checkpoints(workdir, read_only=True).restore_params(step, abstract_params(mcfg, make_mesh()))
+    params = Checkpoints(workdir, read_only=True).restore_params(step, abstract_model(mcfg, make_mesh())[1])
     model = nnx.merge(nnx.graphdef(Transformer(mcfg, rngs=nnx.Rngs(0))), params)
     tokens = np.load(workdir / "probes" / "probe_set.npz")["tokens"]
     _, inter = model(tokens, return_intermediates=True)

@@ -34,14 +34,15 @@ from flax import nnx
 from tqdm import tqdm
 
 from entropy_jax import data
-from entropy_jax.checkpoint import CheckpointReadError, Checkpoints, abstract_like
-from entropy_jax.models import ModelConfig, Transformer
+from entropy_jax.checkpoint import CheckpointReadError, Checkpoints
+from entropy_jax.models import ModelConfig
 from entropy_jax.probes.diffusion import diffusion_spectral_entropy
 from entropy_jax.probes.forward import ATTENTION_METRICS, probe_forward
 from entropy_jax.probes.spectra import spectral_metrics
 from entropy_jax.probes.table import ResultsTable, RowKey
 from entropy_jax.probes.weights import param_path, weight_spectra
-from entropy_jax.sharding import make_mesh, replicated
+from entropy_jax.sharding import make_mesh
+from entropy_jax.train.loop import abstract_model
 
 REPRESENTATION_METRICS = ("rankme", "rankme_cov", "alpha_req", "alpha_req_r2",
                           "von_neumann_entropy", "von_neumann_entropy_uncentred")
@@ -187,9 +188,7 @@ class _Sweep:
         if probe_config is not None:
             cfg.probe_set, cfg.probes = probe_config.probe_set, probe_config.probes
         mcfg = ModelConfig(**meta["model_config"])
-        skeleton = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
-        self.graphdef = nnx.graphdef(skeleton)
-        self.abstract = abstract_like(nnx.state(skeleton, nnx.Param), replicated(mesh))
+        self.graphdef, self.abstract = abstract_model(mcfg, mesh)
         weight_paths = [param_path(p) for p, leaf in jax.tree_util.tree_flatten_with_path(
             nnx.to_pure_dict(self.abstract))[0] if len(leaf.shape) >= 2]
         self.entries = {name: cfg.probes[name] for name in cfg.probes}

@@ -45,10 +45,11 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig
     return ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": vocab_size, "max_len": cfg.train.seq_len})
 
 
-def abstract_params(mcfg: ModelConfig, mesh: jax.sharding.Mesh) -> nnx.State:
-    """Parameter shapes without allocating them, replicated over ``mesh`` (restore target)."""
-    model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
-    return abstract_like(nnx.state(model, nnx.Param), replicated(mesh))
+def abstract_model(mcfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's static graph and its parameter shapes (not allocated), replicated over ``mesh``:
+    what ``nnx.merge`` and a checkpoint restore need."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
+    return graphdef, abstract_like(params, replicated(mesh))
 
 
 class _Progress:
@@ -84,9 +85,8 @@ def _meta(cfg, mcfg: ModelConfig, corpus, step: int, parent: Any) -> dict:
     }
 
 
-def _restore_or_init(cfg, mcfg, ckpts: Checkpoints, mesh, tx, iterator) -> tuple[TrainState, int | None]:
+def _restore_or_init(cfg, mcfg, ckpts: Checkpoints, mesh, tx, iterator, target) -> tuple[TrainState, int | None]:
     start = ckpts.latest_step()
-    target = abstract_params(mcfg, mesh)
     if start is None:
         _, params = init_model(mcfg, cfg.seed)
         state = init_state(params, tx)
@@ -113,11 +113,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
     mcfg = model_config(cfg, corpus.vocab_size)
     mesh = make_mesh()
     tx, schedule = make_optimizer(cfg.train), make_schedule(cfg.train)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
+    graphdef, target = abstract_model(mcfg, mesh)
     iterator = data.make_train_iterator(corpus, cfg.train.batch_size, cfg.seed)
     ckpts = Checkpoints(workdir, cfg.checkpoint.max_to_keep)
     try:
-        state, resumed_from = _restore_or_init(cfg, mcfg, ckpts, mesh, tx, iterator)
+        state, resumed_from = _restore_or_init(cfg, mcfg, ckpts, mesh, tx, iterator, target)
         start = resumed_from or 0
         if resumed_from is None:
             ckpts.save(0, state.params, state.opt_state, iterator.get_state(), _meta(cfg, mcfg, corpus, 0, None))
@@ -129,8 +129,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
             writer.close()
     finally:
         ckpts.close()
-    if last_loss is None and (rows := read_metrics(workdir) if (workdir / "metrics.jsonl").exists() else []):
-        last_loss = rows[-1]["loss"]
+    if last_loss is None and (workdir / "metrics.jsonl").exists():  # nothing left to train: report the log
+        rows = read_metrics(workdir)
+        last_loss = rows[-1]["loss"] if rows else None
     return TrainResult(workdir.absolute(), cfg.train.steps, last_loss, corpus.entropy_rate,
                        ckpts.all_steps(), resumed_from)
 
@@ -138,7 +139,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
 def _run(cfg, mcfg, corpus, state, iterator, train_step, mesh, ckpts, writer, start) -> float | None:
     """Steps ``start+1 .. train.steps``. Step t is dispatched before step t-1's metrics are pulled."""
     total, ck = cfg.train.steps, cfg.checkpoint
-    progress, pending, last = _Progress(start, total), None, {"step": start, "loss": None, "saved": start}
+    progress, pending, last = _Progress(start, total), None, {"loss": None, "saved": start}
     window = collections.deque([(start, time.perf_counter())], maxlen=21)  # rate over the last 20 steps
 
     def pull(step: int, metrics: dict) -> None:
@@ -157,7 +158,7 @@ def _run(cfg, mcfg, corpus, state, iterator, train_step, mesh, ckpts, writer, st
             writer.write(step, {**m, "loss_minus_entropy_rate": gap, "tokens_seen": step * tokens,
                                 "steps_per_sec": rate, "tokens_per_sec": rate * tokens})
         progress.update(step, m["loss"], gap)
-        last.update(step=step, loss=m["loss"])
+        last["loss"] = m["loss"]
 
     try:
         for step in range(start + 1, total + 1):
