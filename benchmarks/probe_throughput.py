@@ -15,6 +15,8 @@ so the ratios compare algorithms, not core counts. Baselines:
 
 Measured 2026-11-28, one thread, 2-core VM shared with other jobs (load ~3-5):
   15000x2048: ours 2.31 s, (a) 25.9 s (11.2x), (b) 2.04 s (0.88x), (b+) 3.97 s (1.72x), rel diff 1e-13
+  15000x2048 with the two-stage tridiagonalisation (three runs): ours 1.75-1.94 s, (a) 28.9-30.6 s
+      (15.7-16.5x), (b) 1.89-2.60 s (1.00-1.34x), (b+) 3.55-4.58 s (1.89-2.36x), rel diff 1e-13
   DSE N=10k: ours 51.9 s / 839 MiB, official 189.5 s / 3827 MiB (3.65x), |diff| 0 bits
   attention entropy T=8192: dense 512 MiB, blocked (512 keys) 34 MiB
 """

@@ -124,4 +124,4 @@ def test_in_place_eigensolver_matches_numpy() -> None:
     a = np.random.default_rng(5).standard_normal((300, 300))
     sym = a @ a.T / 300 + np.eye(300)
     expected = np.linalg.eigvalsh(sym)
-    np.testing.assert_allclose(probes.diffusion.symmetric_eigvalsh_inplace(sym.copy()), expected, rtol=1e-12)
+    np.testing.assert_allclose(probes.lapack.symmetric_eigvalsh_inplace(sym.copy()), expected, rtol=1e-12)

@@ -13,10 +13,7 @@ upcast to float64 before distances are taken.
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import glob
-import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -24,10 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from entropy_jax.probes.lapack import symmetric_eigvalsh_inplace
 from entropy_jax.probes.stats import check_matrix
 from entropy_jax.sharding import DATA_AXIS, data_sharding
 
@@ -87,39 +84,6 @@ def diffusion_eigenvalues(x: np.ndarray, sigma: float, *, mesh: Mesh | None = No
     k *= inv_sqrt_deg[:, None]
     k *= inv_sqrt_deg[None, :]
     return symmetric_eigvalsh_inplace(k)
-
-
-@functools.cache
-def _two_stage_eigvalsh() -> Callable[..., int] | None:
-    """LAPACKE ``dsyevd_2stage`` from the OpenBLAS bundled with scipy, or None where absent.
-
-    LAPACK's two-stage tridiagonalisation (band reduction in BLAS3, then bulge chasing) is
-    about 2x faster than ``dsytrd`` for eigenvalues only at N >= 4000; scipy does not wrap it.
-    """
-    libs = glob.glob(os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs", "libscipy_openblas-*"))
-    try:
-        fn = ctypes.CDLL(libs[0]).scipy_LAPACKE_dsyevd_2stage
-    except (IndexError, OSError, AttributeError):
-        return None
-    matrix = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
-    fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, ctypes.c_int, matrix, ctypes.c_int, matrix]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def symmetric_eigvalsh_inplace(k: np.ndarray) -> np.ndarray:
-    """Eigenvalues (ascending) of symmetric C-contiguous float64 ``k``, destroying ``k``, no copy.
-
-    Two-stage LAPACK driver when available, else ``scipy.linalg.eigh(driver="evd")``. ``k`` being
-    symmetric, its row-major buffer is also its column-major one, so LAPACK works in place.
-    """
-    n = len(k)
-    two_stage = _two_stage_eigvalsh()
-    if two_stage is not None and k.flags.c_contiguous and k.dtype == np.float64:
-        w = np.empty(n, np.float64)
-        if two_stage(102, b"N", b"L", n, k, n, w) == 0:  # 102: LAPACK_COL_MAJOR
-            return w
-    return scipy.linalg.eigh(k.T, eigvals_only=True, overwrite_a=True, check_finite=False, driver="evd")
 
 
 def dse_from_eigenvalues(eigenvalues: np.ndarray, t: int = 1) -> float:

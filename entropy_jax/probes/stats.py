@@ -26,6 +26,7 @@ import scipy.linalg
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from entropy_jax.probes.lapack import tridiagonalise_inplace
 from entropy_jax.sharding import DATA_AXIS, data_sharding
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -202,8 +203,9 @@ def paired_eigenvalues(stats: ScatterStats, keep: int) -> tuple[jax.Array, jax.A
 
     Eagerly this costs one tridiagonalisation, not two: a Householder reflection H with
     ``H mu = -+|mu| e1`` turns both matrices into ``A = H M2 H`` and ``A + n |mu|^2 e1 e1^T``,
-    which differ only in entry (0, 0). LAPACK's lower ``sytrd`` never mixes row/column 0 into
-    its reflectors, so both tridiagonal forms share everything but ``T[0, 0]``; two O(D^2)
+    which differ only in entry (0, 0). LAPACK's lower tridiagonalisation (two-stage where
+    available, :func:`~entropy_jax.probes.lapack.tridiagonalise_inplace`) never mixes row/column
+    0 into its reflectors, so both tridiagonal forms share everything but ``T[0, 0]``; two O(D^2)
     ``sterf`` solves then give both spectra (float64, host). Traced: two ``eigvalsh``.
     """
     if is_traced(stats):
@@ -219,11 +221,7 @@ def paired_eigenvalues(stats: ScatterStats, keep: int) -> tuple[jax.Array, jax.A
     p = (2.0 / vv) * (m2 @ v)
     q = p - (float(v @ p) / vv) * v
     a = m2 - np.outer(v, q) - np.outer(q, v)
-    lwork = int(scipy.linalg.lapack.dsytrd_lwork(len(a), lower=1)[0])
-    # a is symmetric: a.T is the same matrix in Fortran order, so LAPACK needs no copy.
-    _, diag, off, _, info = scipy.linalg.lapack.dsytrd(a.T, lower=1, lwork=lwork, overwrite_a=1)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"dsytrd failed with info={info}")
+    diag, off = tridiagonalise_inplace(np.ascontiguousarray(a))
 
     def spectrum(d: np.ndarray) -> jax.Array:
         ev = scipy.linalg.eigvalsh_tridiagonal(d, off, lapack_driver="sterf")
