@@ -56,25 +56,27 @@ def _attention_stats(model, residual: list, attention_logits: list) -> dict[str,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _probe_forward(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
-    model = nnx.merge(graphdef, params)
-    logits_BxTxV, inter = model(tokens_BxT, return_intermediates=True)
-    residual = inter["residual"]
-    h_BxLxTxD = jnp.stack(residual, axis=1)
+def _representations(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
+    logits_BxTxV, inter = nnx.merge(graphdef, params)(tokens_BxT, return_intermediates=True)
+    h_BxLxTxD = jnp.stack(inter["residual"], axis=1)
     pred_BxT = predictive_entropy(logits_BxTxV)
     return {
         "last": h_BxLxTxD[:, :, -1].astype(jnp.float32),
         "mean": h_BxLxTxD.mean(axis=2, dtype=jnp.float32),
         "predictive_entropy": pred_BxT.mean(-1),
         "predictive_entropy_last": pred_BxT[:, -1],
-        **_attention_stats(model, residual, inter["attention_logits"]),
     }
 
 
-def probe_forward(
-    graphdef: nnx.GraphDef, params: nnx.State, tokens: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int
-) -> dict[str, np.ndarray]:
-    """Forward ``tokens`` (M x T) in global batches sharded over ``mesh``; per-example host arrays.
+@functools.partial(jax.jit, static_argnums=0)
+def _attention(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, params)
+    _, inter = model(tokens_BxT, return_intermediates=True)
+    return _attention_stats(model, inter["residual"], inter["attention_logits"])
+
+
+def _batched(fn, graphdef, params, tokens: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int) -> dict:
+    """``fn`` over ``tokens`` in global batches sharded over ``mesh``; per-example host arrays.
 
     The last batch is padded by repeating rows (one compiled shape) and the padding is dropped.
     """
@@ -84,6 +86,19 @@ def probe_forward(
     for start in range(0, len(tokens), batch):
         chunk = tokens[start:start + batch]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-        out = _probe_forward(graphdef, params, jax.device_put(padded, data_sharding(mesh)))
+        out = fn(graphdef, params, jax.device_put(padded, data_sharding(mesh)))
         pieces.append({k: np.asarray(v)[: len(chunk)] for k, v in jax.device_get(out).items()})
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def probe_forward(
+    graphdef: nnx.GraphDef, params: nnx.State, tokens: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int,
+    attention_examples: int = 0,
+) -> dict[str, np.ndarray]:
+    """Representations and predictive entropies of all ``tokens`` (M x T); attention statistics of
+    the first ``attention_examples`` sequences only (0: none). The bounds need a T x T spectral
+    norm per head and example, O(T^3): at T = 256 that is ~6 ms each on a CPU core."""
+    out = _batched(_representations, graphdef, params, tokens, mesh, batch_size)
+    if attention_examples:
+        out |= _batched(_attention, graphdef, params, tokens[:attention_examples], mesh, batch_size)
+    return out

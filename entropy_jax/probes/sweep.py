@@ -8,7 +8,8 @@ big_vision's evaluator style). Types:
   von Neumann entropies, optional DSE (``dse_sigma`` > 0, bits); kwargs ``alpha_fit_range``.
   The normalised covariance spectra go to ``probes/spectra/step_XXXXXXXX.npz``.
 * ``attention``: per block (layer 1..L) and head (head -1 = mean over heads): attention
-  entropy, its normalisation by ln T_i, and the Theorem 3.1 bounds (nats).
+  entropy, its normalisation by ln T_i, and the Theorem 3.1 bounds (nats), all over the first
+  ``num_examples`` probe sequences (default 128: the bounds cost O(T^3) per head and sequence).
 * ``weights``: spectral/Frobenius norm, stable rank, condition number of every weight matrix;
   metric ``<param path>/<statistic>``, layer = its block (1..L) or -1.
 * ``output``: mean predictive (next-token) entropy over positions and at the last one (nats).
@@ -49,6 +50,7 @@ REPRESENTATION_METRICS = ("rankme", "rankme_cov", "alpha_req", "alpha_req_r2",
 WEIGHT_STATS = ("spectral_norm", "frobenius_norm", "stable_rank", "condition_number")
 OUTPUT_METRICS = ("predictive_entropy", "predictive_entropy_last")
 PROBE_TYPES = ("representation", "attention", "weights", "output")
+DEFAULT_ATTENTION_EXAMPLES = 128
 
 
 @dataclasses.dataclass
@@ -193,6 +195,8 @@ class _Sweep:
             nnx.to_pure_dict(self.abstract))[0] if len(leaf.shape) >= 2]
         self.entries = {name: cfg.probes[name] for name in cfg.probes}
         self.expected = {n: expected_keys(n, e, mcfg, weight_paths) for n, e in self.entries.items()}
+        self.attention_examples = max((e.get("num_examples", DEFAULT_ATTENTION_EXAMPLES)
+                                       for e in self.entries.values() if e["type"] == "attention"), default=0)
         self.tokens = fixed_probe_set(workdir, cfg)
         self.batch_size, self.mesh, self.ckpts, self.workdir = cfg.probe_set.batch_size, mesh, ckpts, workdir
         self.table, self.report = ResultsTable(workdir), SweepReport()
@@ -205,7 +209,8 @@ class _Sweep:
         if not todo:
             return
         params = self.ckpts.restore_params(step, self.abstract)
-        out = probe_forward(self.graphdef, params, self.tokens, self.mesh, self.batch_size)
+        attention = self.attention_examples if any(self.entries[n]["type"] == "attention" for n in todo) else 0
+        out = probe_forward(self.graphdef, params, self.tokens, self.mesh, self.batch_size, attention)
         base = {"run": self.workdir.name, "stage": meta["stage"], "step": step,
                 "tokens_seen": meta["tokens_seen"], "ckpt_hash": params_hash(params)}
         spectra, rows = {}, []

@@ -97,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Final layer after the final norm, last token: the Tracing paper's probe.
     c.probes.last_token = representation_probe("last")
     c.probes.mean_token = representation_probe("mean")
-    c.probes.attention = dict(type="attention")
+    c.probes.attention = dict(type="attention", num_examples=128)  # bounds cost O(T^3) per head and sequence
     c.probes.weights = dict(type="weights")
     c.probes.output = dict(type="output")
     return c
