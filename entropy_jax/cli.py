@@ -7,7 +7,11 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from absl import app
+from absl import logging as absl_logging
+
 from entropy_jax.checkpoint import CheckpointReadError, ConfigMismatchError
+from entropy_jax.sharding import initialize_distributed
 
 USER_ERRORS = (ConfigMismatchError, CheckpointReadError, FloatingPointError, FileNotFoundError, ValueError)
 
@@ -39,8 +43,6 @@ class _LibraryFilter(logging.Filter):
 
 def setup_logging() -> None:
     """INFO from entropy_jax, WARNING and above from the libraries it drives."""
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_handler().addFilter(_LibraryFilter())
 
@@ -48,10 +50,6 @@ def setup_logging() -> None:
 def start(argv: list[str]) -> None:
     """What every entry point does first: reject stray arguments, join the multi-process
     runtime when launched on several hosts, and set up logging."""
-    from absl import app
-
-    from entropy_jax.sharding import initialize_distributed
-
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     initialize_distributed()

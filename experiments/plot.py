@@ -16,7 +16,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from entropy_jax.analysis import analyse
-from entropy_jax.cli import setup_logging, user_errors
+from entropy_jax.cli import start, user_errors
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory holding probes/results.parquet (written by experiments/probe.py).",
@@ -32,9 +32,7 @@ _LAYER = flags.DEFINE_integer(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    setup_logging()
+    start(argv)
     workdir = Path(_WORKDIR.value)
     if not workdir.is_dir():
         sys.exit(f"error: workdir {workdir} does not exist")
