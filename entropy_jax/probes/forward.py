@@ -1,10 +1,11 @@
-"""One sharded forward pass over the fixed probe set, reduced on device to what the probes need.
+"""Sharded forward passes over the fixed probe set, reduced on device to what the probes need.
 
 Per example (so padding can be dropped and batches concatenated exactly):
   * ``last``/``mean``: residual stream at the last token / mean over tokens, ``(L+1) x D`` each
     (index 0 = embedding output, index L = after the final norm),
-  * ``attention/*``: per layer and head, the mean over query rows of the measured attention
-    entropy, its normalisation by ln T_i, and the Theorem 3.1 bound under three choices of s,
+  * ``attention/*`` (a second pass, over the first sequences only): per layer and head, the mean
+    over query rows of the measured attention entropy, its normalisation by ln T_i, and the
+    Theorem 3.1 bound under three choices of s,
   * ``predictive_entropy``: mean over positions and at the last position (nats).
 """
 
