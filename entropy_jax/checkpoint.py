@@ -110,9 +110,6 @@ class Checkpoints:
         )
         return r.params, r.opt_state, r.data, r.meta
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
