@@ -34,7 +34,14 @@ def _head_kernels(block, d_head: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _attention_stats(model, residual: list, attention_logits: list) -> dict[str, jax.Array]:
-    """Per example, layer and head: row-mean entropy and bounds, each B x L x H."""
+    """Per example, layer and head: row-mean entropy and bounds, each B x L x H.
+
+    The bounds take one spectral norm per head and example. They run under ``lax.map``, one
+    matrix at a time, never ``vmap``: a batched LAPACK call inside a program sharded over
+    several CPU devices deadlocks XLA:CPU (jaxlib's kernel spreads the batch over the
+    intra-op thread pool whose workers are all busy running the devices' programs, then
+    waits for itself). One matrix per call runs inline.
+    """
     cfg = model.cfg
     per_layer = []
     for layer, logits_BxHxTxT in enumerate(attention_logits):
@@ -42,12 +49,16 @@ def _attention_stats(model, residual: list, attention_logits: list) -> dict[str,
         w_q, w_k = _head_kernels(model.blocks[layer], cfg.d_head)
         x_BxTxD = model.blocks[layer].attn_norm(residual[layer])
 
-        def bounds(z_TxT, wq, wk, x):
+        def bounds(args):
+            z_TxT, wq, wk, x = args
             b = attention_entropy_bounds(z_TxT, causal=True, w_q=wq, w_k=wk, x=x)
             return jnp.stack([b["bound_row"].mean(), b["bound_matrix"].mean(), b["bound_paper"].mean()])
 
-        per_head = jax.vmap(bounds, in_axes=(0, 0, 0, None))  # over heads
-        bnd_BxHx3 = jax.vmap(per_head, in_axes=(0, None, None, 0))(logits_BxHxTxT, w_q, w_k, x_BxTxD)
+        def per_example(args, w_q=w_q, w_k=w_k):
+            z_HxTxT, x = args
+            return jax.lax.map(lambda h: bounds((z_HxTxT[h], w_q[h], w_k[h], x)), jnp.arange(cfg.num_heads))
+
+        bnd_BxHx3 = jax.lax.map(per_example, (logits_BxHxTxT, x_BxTxD))
         if cfg.positions == "rope":  # rotations sit between W_Q and W_K: the paper's s does not apply
             bnd_BxHx3 = bnd_BxHx3.at[..., 2].set(jnp.nan)
         per_layer.append(jnp.concatenate(
