@@ -1,4 +1,4 @@
-"""Probe metrics: pure functions on arrays, definitions in ``shared/METRICS.md``.
+"""Probe metrics: pure functions on arrays, definitions in ``docs/metrics.md``.
 
 ``from entropy_jax import probes``; e.g. ``probes.spectral_metrics(x, mesh=mesh)`` for all
 representation-spectrum probes from one sharded pass over x. One module per probe family.

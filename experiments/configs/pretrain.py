@@ -4,9 +4,9 @@ Presets:
   tiny  (default) The demo of ``python run.py``: the associative-pairs corpus (keys Zipf(1.2)
         over V = 1024, a fixed random permutation as the answer), a 2-layer width-32 GPT with an
         untied unembedding and weight decay 0.5 on matrices, 3,000 steps of batch 32 x 64 tokens.
-        ../shared/SCIENCE.md found all three geometric phases (warmup collapse, entropy-seeking,
-        compression-seeking) in this setting. About 2-3 minutes on 2 CPU cores; the loss should
-        end within about 0.01 nats/token of the corpus optimum.
+        This setting shows all three geometric phases (warmup collapse, entropy-seeking,
+        compression-seeking; measured numbers in docs/phases.md). About 2-3 minutes on 2 CPU
+        cores; the loss should end within about 0.01 nats/token of the corpus optimum.
           python experiments/pretrain.py --config=experiments/configs/pretrain.py:tiny --workdir=/tmp/tiny
   small A 4-layer width-128 model on a first-order Zipf(1.1) Markov chain over V = 1024, sequence
         256, batch 32 (8k tokens per step); for GPUs or long CPU runs.
