@@ -34,6 +34,6 @@ def test_no_tracked_file_points_outside_the_repository() -> None:
 
 def test_pattern_catches_pointers() -> None:
     # Built by concatenation so that this file does not itself match a grep for such pointers.
-    assert OUTSIDE.search("see ../" + "shared/SCIENCE.md")
+    assert OUTSIDE.search("see ../" + "shared/" + "SCIENCE.md")
     assert OUTSIDE.search("definitions in ``shared/" + "METRICS.md``")
     assert not OUTSIDE.search("a 2-core VM shared with other jobs; one shared tridiagonalisation")
