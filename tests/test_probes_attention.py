@@ -75,8 +75,8 @@ def test_measured_entropy_never_below_bounds(causal: bool) -> None:
             out = jax.tree.map(np.asarray, out)
         tol = 1e-9
         assert np.all(out["measured"] >= out["bound_row"] - tol), scale
-        assert np.all(out["bound_row"] >= out["bound_matrix"] - tol), scale
-        assert np.all(out["bound_matrix"] >= out["bound_paper"] - tol), scale
+        assert np.all(out["bound_row"] >= out["bound_logits"] - tol), scale
+        assert np.all(out["bound_logits"] >= out["bound_weights"] - tol), scale
 
 
 def test_bound_is_tight_for_its_extremal_row() -> None:

@@ -27,7 +27,7 @@ def row_entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     Evaluated as ``-sum_j p_j (z_j - lse(z))`` (the same quantity, with only nonnegative terms).
 
     ``mask`` (bool, broadcastable, True = key visible) removes keys; a row with no visible key
-    gets NaN.
+    (all keys masked, or all logits ``-inf``) has no distribution and gets NaN.
     """
     z = _float(logits)
     if mask is not None:
@@ -35,7 +35,8 @@ def row_entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     # -sum p (z - lse): every term is >= 0, so no cancellation for peaked rows.
     log_p = z - jax.nn.logsumexp(z, axis=-1, keepdims=True)
     p = jnp.exp(log_p)
-    return -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
+    ent = -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
+    return jnp.where(jnp.any(z > -jnp.inf, axis=-1), ent, jnp.nan)
 
 
 def predictive_entropy(logits: Any) -> jax.Array:
@@ -85,7 +86,8 @@ def attention_entropy(logits: Any, mask: Any | None = None, *, causal: bool = Fa
     Row i has ``T_i`` visible keys; ``row = lse(z_i) - sum softmax(z_i) z_i`` (nats, no epsilon),
     ``row_normalised = row / ln T_i`` (NaN where T_i < 2). ``head``: mean over examples and
     valid rows, shape (..., H); ``layer``: mean over heads, shape (...). Rows without visible
-    keys are excluded. Uniform logits give ``ln T_i``; one-hot (limit) logits give 0.
+    keys are NaN in ``row`` and excluded from the means (a head with none is NaN). Uniform logits
+    give ``ln T_i``; one-hot (limit) logits give 0.
     """
     z = _float(logits)
     if z.ndim < 4:
@@ -149,15 +151,26 @@ def attention_entropy_lower_bound(s: Any, num_keys: Any) -> jax.Array:
     """Minimum entropy of ``softmax(z)`` over logit rows with ``||z||_2 <= s`` (Zhai et al. 2023, Thm 3.1).
 
     ``Ent >= ln(1 + (T-1) b) + s sqrt(T (T-1)) b / (1 + (T-1) b)``, ``b = exp(-s sqrt(T / (T-1)))``,
-    T = ``num_keys``; nats. Decreasing in s, ``ln T`` at s = 0; 0 when T = 1. Broadcasts.
-    float64 when called eagerly (whatever the input dtype); the trace's float dtype under jit.
+    T = ``num_keys``; nats. Decreasing in s, ``ln T`` at s = 0; 0 when T = 1; NaN when T = 0 (no
+    key, no distribution). Broadcasts. float64 when called eagerly (whatever the input dtype);
+    the trace's float dtype under jit.
     """
     s, t = jnp.broadcast_arrays(as_float(s), as_float(num_keys))
     t_safe = jnp.maximum(t, 2.0)
     b = jnp.exp(-s * jnp.sqrt(t_safe / (t_safe - 1.0)))
     denom = 1.0 + (t_safe - 1.0) * b
     bound = jnp.log1p((t_safe - 1.0) * b) + s * jnp.sqrt(t_safe * (t_safe - 1.0)) * b / denom
-    return jnp.where(t >= 2, bound, 0.0)
+    return jnp.where(t >= 2, bound, jnp.where(t >= 1, 0.0, jnp.nan))
+
+
+def _spectral_norm_squared(a: jax.Array) -> jax.Array:
+    """``||A||_2^2`` = largest eigenvalue of the smaller Gram (``A^T A`` or ``A A^T``), by ``eigvalsh``.
+
+    Not ``jnp.linalg.norm(ord=2)``: that is an SVD (``gesdd``), and under ``vmap`` a batched
+    ``gesdd`` deadlocks XLA:CPU in a program sharded over several CPU devices.
+    """
+    gram = a.T @ a if a.shape[-1] <= a.shape[-2] else a @ a.T
+    return jnp.maximum(jnp.linalg.eigvalsh(gram)[-1], 0.0)
 
 
 def attention_entropy_bounds(
@@ -171,11 +184,15 @@ def attention_entropy_bounds(
 ) -> dict[str, jax.Array]:
     """Measured row entropies of one head beside Theorem 3.1 bounds for three choices of s (nats).
 
-    ``logits``: (Tq, Tk) of one head and example. Row i has T_i visible keys. Choices of s:
-    ``row`` = the row's own ``||z_i||_2`` (tightest); ``matrix`` = spectral norm of the (masked,
-    zero-filled) logit matrix; ``paper`` = ``||W_K W_Q^T||_2 ||X X^T||_2`` when ``w_q``, ``w_k``
-    (D, Dh) and ``x`` (T, D) are given (fold any 1/sqrt(Dh) into ``w_q``). Each s bounds every
-    row norm, so ``measured >= bound_row >= bound_matrix >= bound_paper`` row by row.
+    ``logits``: (Tq, Tk) of one head and example. Row i has T_i visible keys. Choices of s, each
+    returned as ``s_<name>`` with its bound ``bound_<name>``: ``row`` = the row's own
+    ``||z_i||_2`` (tightest, per row); ``logits`` = spectral norm of the (masked, zero-filled)
+    logit matrix; ``weights`` = ``||W_K W_Q^T||_2 ||X X^T||_2`` when ``w_q``, ``w_k`` (D, Dh) and
+    ``x`` (T, D) are given (fold any 1/sqrt(Dh) into ``w_q``), else absent. Each s bounds every
+    row norm, so ``measured >= bound_row >= bound_logits >= bound_weights`` row by row. Also
+    ``measured`` (row entropies) and ``num_keys``; a row with no visible key has NaN
+    ``measured`` and bounds. Spectral norms come from ``eigvalsh`` of the smaller Gram, never
+    an SVD (see :func:`_spectral_norm_squared`), so the function can be mapped over heads.
     """
     z = _float(logits)
     if z.ndim != 2:
@@ -185,10 +202,12 @@ def attention_entropy_bounds(
         visible = visible & causal_mask(*z.shape)
     num_keys = jnp.sum(visible, axis=-1)
     z_vis = jnp.where(visible, z, 0.0)
-    s = {"row": jnp.linalg.norm(z_vis, axis=-1), "matrix": jnp.linalg.norm(z_vis, ord=2)}
+    s = {"row": jnp.linalg.norm(z_vis, axis=-1), "logits": jnp.sqrt(_spectral_norm_squared(z_vis))}
     if w_q is not None and w_k is not None and x is not None:
         x = _float(x)
-        s["paper"] = jnp.linalg.norm(_float(w_k) @ _float(w_q).T, ord=2) * jnp.linalg.norm(x @ x.T, ord=2)
+        # ||X X^T||_2 = ||X||_2^2: the largest eigenvalue of the smaller Gram (X^T X when D < T).
+        w_norm = jnp.sqrt(_spectral_norm_squared(_float(w_k) @ _float(w_q).T))
+        s["weights"] = w_norm * _spectral_norm_squared(x)
     out = {"measured": row_entropy(z, visible), "num_keys": num_keys}
     for name, value in s.items():
         out[f"s_{name}"] = value

@@ -124,7 +124,10 @@ def diffusion_spectral_entropy(
 
 
 def _classes(labels: Any, n: int, num_bins: int) -> np.ndarray:
-    """Integer labels as they are; continuous scalars min-max scaled into ``num_bins`` bins."""
+    """Integer labels as they are; continuous scalars min-max scaled into ``num_bins`` bins.
+
+    Constant continuous labels are one class (the min-max scaling would be 0/0).
+    """
     y = np.asarray(labels).reshape(-1) if np.ndim(labels) == 2 and np.shape(labels)[1] == 1 else labels
     y = np.asarray(y)
     if y.ndim != 1 or len(y) != n:
@@ -135,6 +138,8 @@ def _classes(labels: Any, n: int, num_bins: int) -> np.ndarray:
         return y
     if not np.all(np.isfinite(y)):
         raise ValueError("labels contain NaN or Inf; continuous labels must be finite to be binned")
+    if y.max() == y.min():  # constant labels: one class (DSMI 0), not 0/0
+        return np.zeros(len(y), dtype=np.int64)
     scaled = (y - y.min()) / (y.max() - y.min())
     return np.digitize(scaled, bins=np.linspace(0, 1, num_bins + 1)[:-1])
 

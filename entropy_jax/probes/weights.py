@@ -38,7 +38,10 @@ def matrix_spectrum(w: Any) -> MatrixSpectrum:
 
     ``spectral_norm = s_max``, ``frobenius_norm = sqrt(sum s^2)``, ``stable_rank =
     ||W||_F^2 / ||W||_2^2``, ``condition_number = kappa = s_max / s_min`` (KappaTune, Ludwig
-    2025; inf for a rank-deficient matrix). float64 when called eagerly.
+    2025; inf for a rank-deficient matrix). An all-zero matrix (e.g. a zero-initialised
+    projection) has norms 0 and NaN stable rank and condition number: 0/0 has no limit there
+    (rank-1 and identity-like matrices shrunk to zero give 1 and min(m, n)). float64 when called
+    eagerly.
     """
     if np.ndim(w) != 2:
         raise ValueError(
