@@ -16,10 +16,10 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from entropy_jax import analysis, train
-from entropy_jax.cli import start, summarise_training, user_errors
-from entropy_jax.probes.sweep import sweep
+from entropy_jax import analysis
+from entropy_jax.cli import start, summarise_training, train_with_probes, user_errors
 from entropy_jax.sharding import is_writer
+from entropy_jax.sweep import sweep
 
 config_flags.DEFINE_config_file(
     "config", str(Path(__file__).parent / "experiments/configs/pretrain.py") + ":tiny",
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
     workdir = Path(flags.FLAGS.workdir).absolute()
     logging.info("workdir: %s", workdir)
     with user_errors():
-        result = train.train(flags.FLAGS.config, workdir)
+        result = train_with_probes(flags.FLAGS.config, workdir)
         report = sweep(workdir)
     if not is_writer():
         return

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from entropy_jax.models import ModelConfig
+from entropy_jax.models import ModelConfig, init_model
 from entropy_jax.sharding import make_mesh, replicated, shard_batch
 from entropy_jax.train.optim import make_optimizer, make_schedule
-from entropy_jax.train.step import init_model, init_state, make_train_step
+from entropy_jax.train.step import init_state, make_train_step
 
 SHAPES = {  # name: (layers, width, heads, seq_len, batch, vocab)
     "reference": (4, 256, 4, 256, 16, 512),
@@ -62,9 +62,9 @@ def main() -> None:
     mcfg = ModelConfig(vocab_size=vocab, d_model=width, num_layers=layers, num_heads=heads, max_len=seq,
                        dtype=args.dtype)
     tx = make_optimizer(TRAIN)
-    graphdef, params = init_model(mcfg, seed=0)
+    graphdef, params, model_state = init_model(mcfg, seed=0)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    state = jax.device_put(init_state(params, tx), replicated(mesh))
+    state = jax.device_put(init_state(params, model_state, tx, seed=0), replicated(mesh))
     step = make_train_step(graphdef, tx, make_schedule(TRAIN))
     rng = np.random.default_rng(0)
     batches = [shard_batch({"inputs": t[:, :-1], "targets": t[:, 1:]}, mesh)

@@ -1,14 +1,16 @@
 """Orbax checkpoints: log-spaced steps, exact resume, and params-only restore for probes.
 
-Layout: ``workdir/checkpoints/<step>/{params,opt_state,data,meta}``. ``meta`` is JSON holding
-the config, the model config, step, tokens seen, stage and parent checkpoint, so a probe
-needs nothing but the workdir. Saves are asynchronous; Orbax commits a step by renaming a
-temporary folder, so a step listed by ``all_steps()`` is complete unless a file was damaged
-afterwards (restores then raise ``CheckpointReadError``).
+Layout: ``workdir/checkpoints/<step>/{params,model_state,opt_state,rng,data,meta}``. ``meta`` is
+JSON holding the config, the model config, step, tokens seen (cumulative along a lineage),
+stage, run id and parent checkpoint, so a probe needs nothing but the workdir. Saves are
+asynchronous; Orbax commits a step by renaming a temporary folder, so a step listed by
+``all_steps()`` is complete unless a file was damaged afterwards (restores then raise
+``CheckpointReadError``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +59,19 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 class Checkpoints:
-    """A thin wrapper over one ``ocp.CheckpointManager`` at ``workdir/checkpoints``."""
+    """A thin wrapper over one ``ocp.CheckpointManager`` at ``workdir/checkpoints``.
+
+    A checkpoint holds named items: array pytrees (``params``, ``model_state``, ``opt_state``,
+    ``rng``, ...) saved with ``StandardSave`` and JSON dicts (``data``: the iterator state,
+    ``meta``) saved with ``JsonSave``. A new item is one more entry in those dicts. Empty pytrees
+    (a model without non-parameter state) are not written and restore as themselves.
+    """
 
     def __init__(self, workdir: str | Path, max_to_keep: int = 0, read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep or None, create=not read_only, read_only=read_only
-        )
+        # The folder is made at the first save, so a run refused before it (a bad config, a
+        # mismatched parent) leaves nothing behind.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=False, read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:
@@ -72,49 +80,37 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, params: Any, opt_state: Any, data_state: dict, meta: dict) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-        )
+    def save(self, step: int, arrays: Mapping[str, Any], json: Mapping[str, dict]) -> None:
+        items = {k: ocp.args.StandardSave(v) for k, v in arrays.items() if jax.tree.leaves(v)}
+        items |= {k: ocp.args.JsonSave(v) for k, v in json.items()}
+        if jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
-    def _restore(self, step: int, **items: Any) -> Any:
+    def restore(self, step: int, arrays: Mapping[str, Any] = (), json: Iterable[str] = ()) -> dict[str, Any]:
+        """Items of checkpoint ``step``: each array item placed as its abstract target says, each JSON
+        item as a dict. Raises CheckpointReadError for a damaged or half-written step."""
+        arrays = dict(arrays)
+        empty = {k: v for k, v in arrays.items() if not jax.tree.leaves(v)}
+        items = {k: ocp.args.StandardRestore(v) for k, v in arrays.items() if k not in empty}
+        items |= {k: ocp.args.JsonRestore() for k in json}
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax raises many types for damaged files
             raise CheckpointReadError(
                 f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: {e}); "
                 "it is probably half-written or damaged: delete that step's folder to fall back to "
                 "the previous one"
             ) from e
+        return {**empty, **{k: restored[k] for k in items}}
+
+    def items(self, step: int) -> set[str]:
+        """Names of the items stored for ``step``."""
+        return {p.name for p in (self.directory / str(step)).iterdir() if p.is_dir()}
 
     def read_meta(self, step: int) -> dict:
-        return self._restore(step, meta=ocp.args.JsonRestore()).meta
-
-    def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Parameters only (what a probe needs), placed as ``abstract_params``' shardings say."""
-        return self._restore(step, params=ocp.args.StandardRestore(abstract_params)).params
-
-    def restore_all(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple:
-        r = self._restore(
-            step,
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        )
-        return r.params, r.opt_state, r.data, r.meta
+        return self.restore(step, json=["meta"])["meta"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-    """Shape/dtype skeleton of ``tree`` with every leaf placed by ``sharding``."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from absl import app
 from absl import logging as absl_logging
 
+from entropy_jax import sweep, train
 from entropy_jax.checkpoint import CheckpointReadError, ConfigMismatchError
 from entropy_jax.sharding import initialize_distributed
 
@@ -54,6 +55,19 @@ def start(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     initialize_distributed()
     setup_logging()
+
+
+def apply_init_flags(cfg, init_from: str | None, init_step: int | None) -> None:
+    """``--init_from`` / ``--init_step`` are ``config.init_from.workdir`` / ``.step``."""
+    if init_from is not None:
+        cfg.init_from.workdir = init_from
+    if init_step is not None:
+        cfg.init_from.step = init_step
+
+
+def train_with_probes(cfg, workdir) -> train.TrainResult:
+    """Train, running the config's ``in_training`` probes at the probe steps (``train.probe_every``)."""
+    return train.train(cfg, workdir, on_probe_step=sweep.training_hook(cfg, workdir))
 
 
 def summarise_training(result) -> str:

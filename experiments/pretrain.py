@@ -3,7 +3,10 @@
   python experiments/pretrain.py --config=experiments/configs/pretrain.py:tiny --workdir=/tmp/tiny
 
 Rerunning the same command resumes from the latest checkpoint in --workdir. Override any
-config key with --config.<key>=<value>, e.g. --config.train.steps=200.
+config key with --config.<key>=<value>, e.g. --config.train.steps=200. Start from another run's
+checkpoint (fine-tuning on another corpus, say) with --init_from:
+  python experiments/pretrain.py --config=experiments/configs/pretrain.py:tiny --config.data.name=markov \
+      --init_from=runs/demo --config.stage=finetune --workdir=runs/demo_ft
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from entropy_jax import train
-from entropy_jax.cli import start, summarise_training, user_errors
+from entropy_jax.cli import apply_init_flags, start, summarise_training, train_with_probes, user_errors
 
 CONFIGS = Path(__file__).parent / "configs"
 config_flags.DEFINE_config_file(
@@ -25,13 +27,19 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string(
     "workdir", None, "Output folder for checkpoints and metrics.jsonl; resumes if it already holds checkpoints."
 )
+flags.DEFINE_string("init_from", None, "Parent run folder to start from: its parameters and model state, a fresh "
+                    "optimiser, step 0 (= --config.init_from.workdir). Ignored when --workdir holds checkpoints.")
+flags.DEFINE_integer("init_step", None, "Checkpoint step of --init_from to start from (default: its latest; "
+                     "= --config.init_from.step).")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
     start(argv)
+    cfg = flags.FLAGS.config
+    apply_init_flags(cfg, flags.FLAGS.init_from, flags.FLAGS.init_step)
     with user_errors():
-        result = train.train(flags.FLAGS.config, flags.FLAGS.workdir)
+        result = train_with_probes(cfg, flags.FLAGS.workdir)
     print(summarise_training(result), flush=True)
 
 

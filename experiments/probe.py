@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from entropy_jax.cli import start, user_errors
-from entropy_jax.probes.sweep import sweep
+from entropy_jax.sweep import sweep
 
 config_flags.DEFINE_config_file(
     "config", None,

@@ -13,8 +13,8 @@ from flax import nnx
 
 from entropy_jax import train
 from entropy_jax.checkpoint import Checkpoints, ConfigMismatchError, is_save_step
+from entropy_jax.models import abstract_model, model_config
 from entropy_jax.sharding import make_mesh
-from entropy_jax.train.loop import abstract_model, model_config
 from entropy_jax.train.metric_writer import read_metrics
 
 
@@ -26,10 +26,10 @@ def _cli(script, workdir, data_dir, *flags, **popen):
 
 def _final_params(cfg, workdir, step):
     mesh = make_mesh()
-    _, target = abstract_model(model_config(cfg, cfg.data.vocab_size), mesh)
+    _, target, _ = abstract_model(model_config(cfg.model, cfg.data.vocab_size, cfg.train.seq_len), mesh)
     ckpts = Checkpoints(workdir, read_only=True)
     try:
-        return jax.device_get(nnx.to_pure_dict(ckpts.restore_params(step, target)))
+        return jax.device_get(nnx.to_pure_dict(ckpts.restore(step, arrays={"params": target})["params"]))
     finally:
         ckpts.close()
 
@@ -45,7 +45,7 @@ def test_run_writes_checkpoints_and_metrics(tiny_run):
                 if is_save_step(s, cfg.train.steps, cfg.checkpoint.dense_until, cfg.checkpoint.every)]
     assert result.checkpoint_steps == expected
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == expected
-    rows = read_metrics(workdir)
+    rows = read_metrics(workdir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, cfg.train.steps + 1))
     losses = np.array([r["loss"] for r in rows])
     gap = losses - result.entropy_rate
@@ -65,11 +65,11 @@ def test_exact_resume_after_sigkill(tmp_path, data_dir, tiny_run):
     cfg, reference, _ = tiny_run
     workdir = tmp_path / "killed"
     kill_when_exists(_cli("experiments/pretrain.py", workdir, data_dir), workdir / "checkpoints" / "16")
-    killed_at = max(r["step"] for r in read_metrics(workdir))
+    killed_at = max(r["step"] for r in read_metrics(workdir / "metrics.jsonl"))
     assert killed_at < cfg.train.steps, "the run finished before it was killed: nothing was tested"
     out, err = _cli("experiments/pretrain.py", workdir, data_dir).communicate(timeout=300)
     assert "resumed from step" in err, err[-2000:]
-    resumed_rows, reference_rows = read_metrics(workdir), read_metrics(reference)
+    resumed_rows, reference_rows = read_metrics(workdir / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl")
     assert [r["step"] for r in resumed_rows] == [r["step"] for r in reference_rows]
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in reference_rows]
     a, b = _final_params(cfg, workdir, cfg.train.steps), _final_params(cfg, reference, cfg.train.steps)

@@ -14,11 +14,12 @@ from flax import nnx
 from entropy_jax import probes
 from entropy_jax.analysis import load_results
 from entropy_jax.checkpoint import Checkpoints
-from entropy_jax.models import ModelConfig, Transformer
-from entropy_jax.probes.forward import probe_forward
-from entropy_jax.probes.sweep import expected_keys, sweep
+from entropy_jax.models import ModelConfig, Transformer, abstract_model
 from entropy_jax.sharding import make_mesh
-from entropy_jax.train.loop import abstract_model
+from entropy_jax.sweep import sweep
+from entropy_jax.sweep.evaluators import make_evaluators, model_info
+from entropy_jax.sweep.forward import probe_forward
+from entropy_jax.workdir import Workdir
 
 KEYS = ["run", "stage", "step", "probe", "layer", "head", "metric"]
 
@@ -45,10 +46,8 @@ def swept(tiny_run, tmp_path_factory):
 def _expected(cfg, workdir):
     meta = Checkpoints(workdir, read_only=True).read_meta(cfg.train.steps)
     mcfg = ModelConfig(**meta["model_config"])
-    abstract = nnx.to_pure_dict(abstract_model(mcfg, make_mesh())[1])
-    paths = ["/".join(str(k.key) for k in p) for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
-             if leaf.ndim >= 2]
-    return mcfg, set().union(*(expected_keys(n, e, mcfg, paths) for n, e in cfg.probes.items()))
+    info = model_info(abstract_model(mcfg, make_mesh())[1], mcfg.num_layers, mcfg.num_heads)
+    return mcfg, set().union(*(e.expected_keys() for e in make_evaluators(cfg.probes.to_dict(), info).values()))
 
 
 def test_one_row_per_checkpoint_probe_layer_head_metric(swept):
@@ -63,7 +62,7 @@ def test_one_row_per_checkpoint_probe_layer_head_metric(swept):
         assert set(zip(rows.probe, rows.layer, rows["head"], rows.metric, strict=True)) == expected
         assert rows.ckpt_hash.nunique() == 1 and rows.tokens_seen.iloc[0] == step * 32 * 16
     assert len(table) == len(steps) * len(expected)
-    assert (table.run == workdir.name).all() and (table.stage == "pretrain").all()
+    assert (table.run == Workdir(workdir).run_id()).all() and (table.stage == "pretrain").all()
     assert np.isfinite(table[table.metric != "attention_entropy_bound_weights"].value).all()
     spectra = sorted(p.name for p in (workdir / "probes" / "spectra").glob("*.npz"))
     assert spectra == [f"step_{s:08d}.npz" for s in steps]
@@ -89,14 +88,15 @@ def test_sweep_values_equal_direct_probe_calls(swept):
     table = load_results(workdir)
     step = cfg.train.steps
     mcfg, _ = _expected(cfg, workdir)
-    params = Checkpoints(workdir, read_only=True).restore_params(step, abstract_model(mcfg, make_mesh())[1])
+    _, target, model_state = abstract_model(mcfg, make_mesh())
+    params = Checkpoints(workdir, read_only=True).restore(step, arrays={"params": target})["params"]
     model = nnx.merge(nnx.graphdef(Transformer(mcfg, rngs=nnx.Rngs(0))), params)
     tokens = np.load(workdir / "probes" / "probe_set.npz")["tokens"]
     _, inter = model(tokens, return_intermediates=True)
     value = lambda **k: table.query(" & ".join(f"{a} == {b!r}" for a, b in k.items()) + f" & step == {step}").value
 
     # The same representations the sweep saw (its sharded forward), then the probe functions directly.
-    reps = probe_forward(nnx.graphdef(model), params, tokens, make_mesh(), cfg.probe_set.batch_size)
+    reps = probe_forward(nnx.graphdef(model), params, model_state, tokens, make_mesh(), cfg.probe_set.batch_size)
     last = np.asarray(reps["last"][:, -1], np.float64)
     np.testing.assert_allclose(last, inter["residual"][-1][:, -1], rtol=1e-4, atol=1e-5)  # == eager forward
     direct = {"rankme": probes.rankme(last), "rankme_cov": probes.rankme_cov(last),

@@ -3,10 +3,10 @@
 import jax
 import numpy as np
 
-from entropy_jax.models import ModelConfig
+from entropy_jax.models import ModelConfig, init_model
 from entropy_jax.sharding import make_mesh, replicated, shard_batch
 from entropy_jax.train.optim import decay_mask, make_optimizer, make_schedule
-from entropy_jax.train.step import init_model, init_state, make_train_step
+from entropy_jax.train.step import init_state, make_train_step
 from experiments.configs.pretrain import get_config
 
 MCFG = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, max_len=12)
@@ -21,8 +21,8 @@ def _run(num_devices: int, steps: int = 3):
     mesh = make_mesh(num_devices)
     tcfg = get_config("test").train
     tx, schedule = make_optimizer(tcfg), make_schedule(tcfg)
-    graphdef, params = init_model(MCFG, seed=0)
-    state = jax.device_put(init_state(params, tx), replicated(mesh))
+    graphdef, params, model_state = init_model(MCFG, seed=0)
+    state = jax.device_put(init_state(params, model_state, tx, seed=0), replicated(mesh))
     step_fn = make_train_step(graphdef, tx, schedule)
     losses = []
     for s in range(steps):
@@ -52,8 +52,8 @@ def test_learns_a_fixed_batch():
     mesh = make_mesh()
     tcfg = get_config("test").train
     tx = make_optimizer(tcfg)
-    graphdef, params = init_model(MCFG, seed=0)
-    state = jax.device_put(init_state(params, tx), replicated(mesh))
+    graphdef, params, model_state = init_model(MCFG, seed=0)
+    state = jax.device_put(init_state(params, model_state, tx, seed=0), replicated(mesh))
     step_fn = make_train_step(graphdef, tx, make_schedule(tcfg))
     batch = shard_batch(_batch(), mesh)
     losses = []
@@ -65,7 +65,7 @@ def test_learns_a_fixed_batch():
 
 
 def test_weight_decay_only_on_matrices():
-    _, params = init_model(MCFG, seed=0)
+    _, params, _ = init_model(MCFG, seed=0)
     mask = decay_mask(params)
     flags = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
     assert all(m for k, m in flags.items() if "kernel" in k or "embedding" in k)

@@ -2,9 +2,8 @@
 
 On-disk formats (written by the probe sweep and the training loop, read here):
 
-- ``workdir/probes/results.parquet`` (or ``results.csv`` where pyarrow is absent): a long, tidy table
-  with one row per (run, stage, step, probe, layer, head, metric) and the columns in
-  :data:`RESULTS_COLUMNS`. ``layer`` and ``head`` are -1 where they do not apply.
+- ``workdir/probes/results.parquet``: the tidy results table, read by :func:`load_results` (which
+  lives with its writer, :mod:`entropy_jax.sweep.table`, and is re-exported here).
 - ``workdir/probes/spectra/step_{step:08d}.npz``: per checkpoint, arrays named ``{probe}_layer{layer}``
   holding the normalised, centred covariance eigenvalues in descending order.
 - ``workdir/metrics.jsonl``: one JSON object per logged training step, with at least ``step`` and
@@ -13,7 +12,6 @@ On-disk formats (written by the probe sweep and the training loop, read here):
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -23,61 +21,30 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 
-RESULTS_COLUMNS: tuple[str, ...] = (
-    "run", "stage", "step", "tokens_seen", "ckpt_hash", "probe", "layer", "head", "metric", "value",
-)
-_INT_COLUMNS = ("step", "tokens_seen", "layer", "head")
-_STR_COLUMNS = ("run", "stage", "ckpt_hash", "probe", "metric")
-_SPECTRA_FILE = re.compile(r"step_(\d+)\.npz$")
+from entropy_jax.sweep.table import RESULTS_COLUMNS, load_results
+from entropy_jax.train.metric_writer import read_metrics
+from entropy_jax.workdir import Workdir
+
+__all__ = ["RESULTS_COLUMNS", "final_layer", "load_optional", "load_results", "load_spectra", "load_train_metrics",
+           "metric_trajectory"]
 T = TypeVar("T")
-
-
-def results_path(workdir: str | Path) -> Path:
-    """Path of the results table in ``workdir``: the Parquet file if present, else the CSV one."""
-    probes_dir = Path(workdir) / "probes"
-    parquet = probes_dir / "results.parquet"
-    csv = probes_dir / "results.csv"
-    return parquet if parquet.exists() or not csv.exists() else csv
+_SPECTRA_FILE = re.compile(r"step_(\d+)\.npz$")
 
 
 def _missing(what: str, path: Path, workdir: str | Path, script: str) -> FileNotFoundError:
     return FileNotFoundError(f"no {what} at {path}: run {script} --workdir={workdir} first")
 
 
-def load_results(workdir: str | Path) -> pd.DataFrame:
-    """Read the tidy probe results table of ``workdir`` with typed columns.
-
-    Raises:
-      FileNotFoundError: neither ``probes/results.parquet`` nor ``probes/results.csv`` exists.
-      ValueError: the table lacks one of :data:`RESULTS_COLUMNS`.
-    """
-    path = results_path(workdir)
-    if not path.exists():
-        raise _missing("results table", path, workdir, "experiments/probe.py")
-    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    missing = [c for c in RESULTS_COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(f"results table {path} lacks columns {missing}")
-    for column in _INT_COLUMNS:
-        table[column] = table[column].astype(np.int64)
-    for column in _STR_COLUMNS:
-        table[column] = table[column].astype(str)
-    table["value"] = table["value"].astype(np.float64)
-    return table.sort_values(["run", "stage", "step"], kind="stable").reset_index(drop=True)
-
-
 def load_train_metrics(workdir: str | Path) -> pd.DataFrame:
-    """Read ``workdir/metrics.jsonl`` into a DataFrame sorted by step (blank lines are skipped).
+    """Read ``workdir/metrics.jsonl`` into a DataFrame sorted by step (a torn last line is ignored).
 
     Raises:
       FileNotFoundError: the file does not exist.
     """
-    path = Path(workdir) / "metrics.jsonl"
+    path = Workdir(workdir).metrics
     if not path.exists():
         raise _missing("training log", path, workdir, "experiments/pretrain.py")
-    with path.open() as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(read_metrics(path))
     if "step" not in table.columns:
         raise ValueError(f"training log {path} has no 'step' field")
     return table.sort_values("step", kind="stable").reset_index(drop=True)
@@ -89,7 +56,7 @@ def load_spectra(workdir: str | Path) -> dict[int, dict[str, np.ndarray]]:
     Raises:
       FileNotFoundError: the spectra folder is absent or holds no ``step_*.npz`` file.
     """
-    folder = Path(workdir) / "probes" / "spectra"
+    folder = Workdir(workdir).spectra
     spectra: dict[int, dict[str, np.ndarray]] = {}
     for path in sorted(folder.glob("step_*.npz")):
         match = _SPECTRA_FILE.search(path.name)

@@ -7,7 +7,12 @@ also returns, from the same forward pass, what the probes read:
   after the final norm, as in the Tracing paper's probe),
 * ``attention_logits``: per layer the pre-softmax logits ``BxHxTxT`` (scaled by
   1/sqrt(d_head)) with the causal mask applied (masked entries hold the dtype's most
-  negative finite value, so softmax gives exact zeros and no NaNs).
+  negative finite value, so softmax gives exact zeros and no NaNs),
+* ``attention_inputs``: per layer the normalised ``h_BxTxD`` the attention reads (X of the
+  logits ``X W_Q (X W_K)^T``).
+
+Probes read weights through methods (:meth:`Transformer.query_key_kernels`), never through
+module attribute paths.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class ModelConfig:
     activation: str = "gelu"  # "gelu" | "relu" | "silu"
     tie_embeddings: bool = False
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    arch: str = "transformer"  # registered architecture (entropy_jax.models.build.ARCHITECTURES)
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -59,6 +65,12 @@ class ModelConfig:
     @property
     def ff_width(self) -> int:
         return self.d_ff or 4 * self.d_model
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name`` (what a config saved before the field existed meant)."""
+        field = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+        return None if field is None else field.default
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -138,10 +150,12 @@ class Block(nnx.Module):
         self.mlp_norm = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        attn_out, logits_BxHxTxT = self.attn(self.attn_norm(x_BxTxD))
+    def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """New residual, attention logits, and the normalised input the attention read."""
+        normed_BxTxD = self.attn_norm(x_BxTxD)
+        attn_out, logits_BxHxTxT = self.attn(normed_BxTxD)
         x_BxTxD = x_BxTxD + attn_out
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), logits_BxHxTxT
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), logits_BxHxTxT, normed_BxTxD
 
 
 class Transformer(nnx.Module):
@@ -164,11 +178,12 @@ class Transformer(nnx.Module):
         h_BxTxD = self.embed(tokens_BxT)
         if self.cfg.positions == "learned":
             h_BxTxD = h_BxTxD + self.pos_embed(jnp.arange(t))[None]
-        residual, attention_logits = [h_BxTxD], []
+        residual, attention_logits, attention_inputs = [h_BxTxD], [], []
         for block in self.blocks:
-            h_BxTxD, logits_BxHxTxT = block(h_BxTxD)
+            h_BxTxD, logits_BxHxTxT, normed_BxTxD = block(h_BxTxD)
             residual.append(h_BxTxD)
             attention_logits.append(logits_BxHxTxT)
+            attention_inputs.append(normed_BxTxD)
         h_BxTxD = self.final_norm(h_BxTxD)
         residual[-1] = h_BxTxD
         h_NxD = h_BxTxD.reshape(-1, self.cfg.d_model)
@@ -176,4 +191,15 @@ class Transformer(nnx.Module):
         logits_BxTxV = logits_NxV.reshape(*tokens_BxT.shape, -1).astype(jnp.float32)
         if not return_intermediates:
             return logits_BxTxV
-        return logits_BxTxV, {"residual": residual, "attention_logits": attention_logits}
+        return logits_BxTxV, {"residual": residual, "attention_logits": attention_logits,
+                              "attention_inputs": attention_inputs}
+
+    def query_key_kernels(self, layer: int) -> tuple[jax.Array, jax.Array] | None:
+        """Per head ``W_Q / sqrt(d_head)`` and ``W_K`` of block ``layer`` (0-based), each H x D x d_head,
+        so that head h's logits are ``X W_Q[h] (X W_K[h])^T``; None where no such bilinear form
+        exists (rotary positions rotate queries and keys between the two kernels)."""
+        if self.cfg.positions == "rope":
+            return None
+        cfg, attn = self.cfg, self.blocks[layer].attn
+        split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], cfg.num_heads, cfg.d_head), 1, 0)
+        return split(attn.query.kernel[...]) / jnp.sqrt(cfg.d_head), split(attn.key.kernel[...])

@@ -1,8 +1,13 @@
 """The training loop: data -> sharded jitted step -> metrics.jsonl and log-spaced Orbax checkpoints.
 
-``train(config, workdir)`` is idempotent given the workdir: it resumes from the latest
-checkpoint (parameters, optimiser, step and data-iterator position), so a run killed at any
-point and started again with the same command produces exactly the uninterrupted result.
+``train(config, workdir)`` is idempotent given the workdir. Where it starts, in this order:
+1. the workdir's own latest checkpoint (parameters, model state, optimiser, RNG, step and
+   data-iterator position), so a run killed at any point and started again with the same
+   command produces exactly the uninterrupted result;
+2. else ``config.init_from.workdir`` (a parent run; ``init_from.step`` -1 = its latest
+   checkpoint): its parameters and model state, a fresh optimiser, step 0, and the parent
+   recorded in every checkpoint's metadata (tokens seen continue from the parent's);
+3. else a fresh initialisation from ``config.seed``.
 """
 
 from __future__ import annotations
@@ -13,21 +18,26 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-from flax import nnx
 from tqdm import tqdm
 
 from entropy_jax import data
-from entropy_jax.checkpoint import Checkpoints, ConfigMismatchError, abstract_like, config_differences, is_save_step
-from entropy_jax.models import ModelConfig, Transformer
+from entropy_jax.checkpoint import Checkpoints, ConfigMismatchError, config_differences, is_save_step
+from entropy_jax.models import ModelConfig, abstract_like, abstract_model, init_model, model_config
 from entropy_jax.sharding import make_mesh, replicated, shard_batch
+from entropy_jax.train.losses import make_loss
 from entropy_jax.train.metric_writer import MetricWriter, read_metrics
 from entropy_jax.train.optim import make_optimizer, make_schedule
-from entropy_jax.train.step import TrainState, init_model, init_state, make_train_step
+from entropy_jax.train.step import TrainState, init_state, make_train_step
+from entropy_jax.workdir import Workdir
+
+# Called in the training process at its probe steps (train.probe_every): (step, state, metadata).
+ProbeHook = Callable[[int, TrainState, dict], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,16 +50,15 @@ class TrainResult:
     resumed_from: int | None
 
 
-def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    """The frozen model config: ``cfg.model`` plus what the data decides (vocabulary, length)."""
-    return ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": vocab_size, "max_len": cfg.train.seq_len})
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    """Where a run comes from: fixed at its step 0 and carried by every checkpoint's metadata."""
 
-
-def abstract_model(mcfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's static graph and its parameter shapes (not allocated), replicated over ``mesh``:
-    what ``nnx.merge`` and a checkpoint restore need."""
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
-    return graphdef, abstract_like(params, replicated(mesh))
+    run_id: str
+    stage: str
+    parent: dict | None = None  # {run_id, workdir, step, stage} of the checkpoint it started from
+    tokens_at_start: int = 0  # tokens the parent had seen: the lineage's shared axis
+    probe_source: dict | None = None  # the lineage root's data + probe_set config (same probe sequences)
 
 
 class _Progress:
@@ -72,107 +81,195 @@ class _Progress:
         self.bar.close()
 
 
-def _meta(cfg, mcfg: ModelConfig, corpus, step: int, parent: Any) -> dict:
-    return {
-        "step": step,
-        "tokens_seen": step * cfg.train.batch_size * cfg.train.seq_len,
-        "stage": cfg.stage,
-        "parent": parent,
-        "config": cfg.to_dict(),
-        "model_config": dataclasses.asdict(mcfg),
-        "corpus": corpus.info,
-        "entropy_rate": corpus.entropy_rate,
-    }
+def probe_source_of(cfg: ml_collections.ConfigDict) -> dict:
+    """What fixes a run's probe sequences: its data config, sequence length and probe-set size."""
+    return {"data": cfg.data.to_dict(), "seq_len": cfg.train.seq_len, "probe_set": cfg.probe_set.to_dict()}
 
 
-def _restore_or_init(cfg, mcfg, ckpts: Checkpoints, mesh, tx, iterator, target) -> tuple[TrainState, int | None]:
-    start = ckpts.latest_step()
-    if start is None:
-        _, params = init_model(mcfg, cfg.seed)
-        state = init_state(params, tx)
-        return jax.device_put(state, replicated(mesh)), None
-    saved = ckpts.read_meta(start)
-    diffs = config_differences(saved["config"], cfg.to_dict())
+class _Run:
+    """One training run's fixed parts: config, corpus, model skeleton, optimiser, checkpoints."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Workdir):
+        self.cfg, self.workdir = cfg, workdir
+        self.corpus = data.load_corpus(cfg.data, cfg.train.seq_len)
+        self.mcfg = model_config(cfg.model, self.corpus.vocab_size, cfg.train.seq_len)
+        self.mesh = make_mesh()
+        self.tx, self.schedule = make_optimizer(cfg.train), make_schedule(cfg.train)
+        self.graphdef, self.params_target, self.model_state_target = abstract_model(self.mcfg, self.mesh)
+        self.iterator = data.make_train_iterator(self.corpus, cfg.train.batch_size, cfg.seed)
+        self.ckpts = Checkpoints(workdir.root, cfg.checkpoint.max_to_keep)
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+
+    def meta(self, step: int, lineage: Lineage) -> dict:
+        return {
+            "step": step,
+            "tokens_seen": lineage.tokens_at_start + step * self.tokens_per_step,
+            "stage": lineage.stage,
+            "run_id": lineage.run_id,
+            "parent": lineage.parent,
+            "tokens_at_start": lineage.tokens_at_start,
+            "probe_source": lineage.probe_source,
+            "config": self.cfg.to_dict(),
+            "model_config": dataclasses.asdict(self.mcfg),
+            "corpus": self.corpus.info,
+            "entropy_rate": self.corpus.entropy_rate,
+        }
+
+    def save(self, state: TrainState, lineage: Lineage) -> dict:
+        step = int(state.step)
+        meta = self.meta(step, lineage)
+        self.ckpts.save(step, arrays={"params": state.params, "model_state": state.model_state,
+                                      "opt_state": state.opt_state, "rng": {"key": state.rng}},
+                        json={"data": self.iterator.get_state(), "meta": meta})
+        return meta
+
+    def replicated(self, tree: Any) -> Any:
+        return jax.device_put(tree, replicated(self.mesh))
+
+    def resume(self, step: int) -> tuple[TrainState, Lineage]:
+        saved = self.ckpts.read_meta(step)
+        diffs = config_differences(saved["config"], self.cfg.to_dict())
+        if diffs:
+            raise ConfigMismatchError(
+                f"{self.ckpts.directory} holds checkpoints (latest step {step}) of a different config: "
+                + "; ".join(diffs) + ". Use a new --workdir, or rerun with the saved config to resume."
+            )
+        opt_target = abstract_like(jax.eval_shape(self.tx.init, self.params_target), replicated(self.mesh))
+        rng_target = {"key": jax.ShapeDtypeStruct((2,), jax.numpy.uint32, sharding=replicated(self.mesh))}
+        r = self.ckpts.restore(step, arrays={"params": self.params_target, "model_state": self.model_state_target,
+                                             "opt_state": opt_target, "rng": rng_target}, json=["data"])
+        self.iterator.set_state(r["data"])
+        logging.info("resumed from step %d in %s", step, self.ckpts.directory)
+        state = TrainState(step=self.replicated(jax.numpy.asarray(step, jax.numpy.int32)), params=r["params"],
+                           model_state=r["model_state"], opt_state=r["opt_state"], rng=r["rng"]["key"])
+        lineage = Lineage(run_id=saved.get("run_id", self.workdir.run_id()), stage=saved["stage"],
+                          parent=saved.get("parent"), tokens_at_start=saved.get("tokens_at_start", 0),
+                          probe_source=saved.get("probe_source"))
+        return state, lineage
+
+    def init_from_parent(self, parent_dir: str, parent_step: int) -> tuple[TrainState, Lineage]:
+        parent_wd = Workdir(parent_dir)
+        parent = Checkpoints(parent_wd.root, read_only=True)
+        try:
+            steps = parent.all_steps()
+            if not steps:
+                raise FileNotFoundError(f"init_from.workdir={parent_dir} holds no checkpoints in {parent.directory}")
+            step = steps[-1] if parent_step < 0 else parent_step
+            if step not in steps:
+                raise FileNotFoundError(f"init_from.step={step} is not a checkpoint of {parent.directory}; "
+                                        f"saved steps: {steps}")
+            meta = parent.read_meta(step)
+            check_same_model(meta["model_config"], self.mcfg, parent.directory, step)
+            r = parent.restore(step, arrays={"params": self.params_target, "model_state": self.model_state_target})
+        finally:
+            parent.close()
+        logging.info("initialised from %s step %d (stage %s)", parent.directory, step, meta["stage"])
+        state = init_state(r["params"], r["model_state"], self.tx, self.cfg.seed)
+        lineage = Lineage(
+            run_id=self.workdir.run_id(create=jax.process_index() == 0), stage=self.cfg.stage,
+            parent={"run_id": meta.get("run_id", parent_wd.name), "workdir": str(parent_wd.root), "step": step,
+                    "stage": meta["stage"]},
+            tokens_at_start=int(meta["tokens_seen"]),
+            probe_source=meta.get("probe_source") or probe_source_of(ml_collections.ConfigDict(meta["config"])),
+        )
+        return self.replicated(state), lineage
+
+    def scratch(self) -> tuple[TrainState, Lineage]:
+        _, params, model_state = init_model(self.mcfg, self.cfg.seed)
+        lineage = Lineage(run_id=self.workdir.run_id(create=jax.process_index() == 0), stage=self.cfg.stage)
+        return self.replicated(init_state(params, model_state, self.tx, self.cfg.seed)), lineage
+
+
+def check_same_model(saved: dict, mcfg: ModelConfig, where: Path, step: int) -> None:
+    """Refuse to start from a checkpoint whose model config differs, naming the differing keys."""
+    ours = dataclasses.asdict(mcfg)
+    diffs = [f"{k}: {saved.get(k)!r} (checkpoint) vs {ours.get(k)!r} (this config)"
+             for k in sorted(set(saved) | set(ours)) if saved.get(k, ModelConfig.default(k)) != ours.get(k)]
     if diffs:
         raise ConfigMismatchError(
-            f"{ckpts.directory} holds checkpoints (latest step {start}) of a different config: "
-            + "; ".join(diffs)
-            + ". Use a new --workdir, or rerun with the saved config to resume."
+            f"cannot initialise from {where} step {step}: its model differs ({'; '.join(diffs)}). "
+            "Use the parent's model config (e.g. the same --config preset)."
         )
-    opt_target = abstract_like(jax.eval_shape(tx.init, target), replicated(mesh))
-    params, opt_state, data_state, _ = ckpts.restore_all(start, target, opt_target)
-    iterator.set_state(data_state)
-    logging.info("resumed from step %d in %s", start, ckpts.directory)
-    step = jax.device_put(jax.numpy.asarray(start, jax.numpy.int32), replicated(mesh))
-    return TrainState(step=step, params=params, opt_state=opt_state), start
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
-    workdir = Path(workdir)
-    corpus = data.load_corpus(cfg.data, cfg.train.seq_len)
-    mcfg = model_config(cfg, corpus.vocab_size)
-    mesh = make_mesh()
-    tx, schedule = make_optimizer(cfg.train), make_schedule(cfg.train)
-    graphdef, target = abstract_model(mcfg, mesh)
-    iterator = data.make_train_iterator(corpus, cfg.train.batch_size, cfg.seed)
-    ckpts = Checkpoints(workdir, cfg.checkpoint.max_to_keep)
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
+          on_probe_step: ProbeHook | None = None) -> TrainResult:
+    """Train ``cfg`` into ``workdir`` (resume, else init from a parent, else scratch); see the module doc."""
+    wd = Workdir(workdir)
+    run = _Run(cfg, wd)
     try:
-        state, resumed_from = _restore_or_init(cfg, mcfg, ckpts, mesh, tx, iterator, target)
-        start = resumed_from or 0
-        if resumed_from is None:
-            ckpts.save(0, state.params, state.opt_state, iterator.get_state(), _meta(cfg, mcfg, corpus, 0, None))
-        writer = MetricWriter(workdir, resume_step=start, tensorboard=cfg.train.tensorboard)
+        start = run.ckpts.latest_step()
+        if start is not None:
+            state, lineage = run.resume(start)
+        elif cfg.init_from.workdir:
+            state, lineage = run.init_from_parent(cfg.init_from.workdir, cfg.init_from.step)
+        else:
+            state, lineage = run.scratch()
+        if start is None:
+            meta = run.save(state, lineage)
+            if on_probe_step is not None and cfg.train.probe_every:
+                on_probe_step(0, state, meta)
+        writer = MetricWriter(wd.metrics, resume_step=start or 0, tensorboard=cfg.train.tensorboard)
         try:
-            last_loss = _run(cfg, mcfg, corpus, state, iterator, make_train_step(graphdef, tx, schedule),
-                             mesh, ckpts, writer, start)
+            last_loss = _loop(run, state, lineage, writer, start or 0, on_probe_step)
         finally:
             writer.close()
     finally:
-        ckpts.close()
-    if last_loss is None and (workdir / "metrics.jsonl").exists():  # nothing left to train: report the log
-        rows = read_metrics(workdir)
+        run.ckpts.close()
+    if last_loss is None and wd.metrics.exists():  # nothing left to train: report the log
+        rows = read_metrics(wd.metrics)
         last_loss = rows[-1]["loss"] if rows else None
-    return TrainResult(workdir.absolute(), cfg.train.steps, last_loss, corpus.entropy_rate,
-                       ckpts.all_steps(), resumed_from)
+    return TrainResult(wd.root, cfg.train.steps, last_loss, run.corpus.entropy_rate, run.ckpts.all_steps(), start)
 
 
-def _run(cfg, mcfg, corpus, state, iterator, train_step, mesh, ckpts, writer, start) -> float | None:
+def _probe_step(step: int, saved: bool, probe_every: int) -> bool:
+    """-1: at every checkpoint; 0: never; N > 0: every N steps."""
+    return saved if probe_every < 0 else probe_every > 0 and step % probe_every == 0
+
+
+def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, start: int,
+          on_probe_step: ProbeHook | None) -> float | None:
     """Steps ``start+1 .. train.steps``. Step t is dispatched before step t-1's metrics are pulled."""
+    cfg = run.cfg
     total, ck = cfg.train.steps, cfg.checkpoint
+    train_step = make_train_step(run.graphdef, run.tx, run.schedule, make_loss(cfg.train.loss.to_dict()))
     progress, pending, last = _Progress(start, total), None, {"loss": None, "saved": start}
     window = collections.deque([(start, time.perf_counter())], maxlen=21)  # rate over the last 20 steps
+    entropy_rate = run.corpus.entropy_rate
 
     def pull(step: int, metrics: dict) -> None:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
             raise FloatingPointError(
                 f"training diverged at step {step}: loss={m['loss']}, grad_norm={m['grad_norm']}. The last "
-                f"good checkpoint is step {last['saved']} in {ckpts.directory}; lower train.lr or raise "
+                f"good checkpoint is step {last['saved']} in {run.ckpts.directory}; lower train.lr or raise "
                 "train.warmup_steps, and use a new --workdir (or delete the later steps) to retry."
             )
-        gap = None if corpus.entropy_rate is None else m["loss"] - corpus.entropy_rate
+        gap = None if entropy_rate is None else m["loss"] - entropy_rate
         window.append((step, time.perf_counter()))
         if step % cfg.train.log_every == 0 or step == total:
             rate = (step - window[0][0]) / max(window[-1][1] - window[0][1], 1e-9)
-            tokens = cfg.train.batch_size * cfg.train.seq_len
-            writer.write(step, {**m, "loss_minus_entropy_rate": gap, "tokens_seen": step * tokens,
-                                "steps_per_sec": rate, "tokens_per_sec": rate * tokens})
+            writer.write(step, {**m, "loss_minus_entropy_rate": gap,
+                                "tokens_seen": lineage.tokens_at_start + step * run.tokens_per_step,
+                                "steps_per_sec": rate, "tokens_per_sec": rate * run.tokens_per_step})
         progress.update(step, m["loss"], gap)
         last["loss"] = m["loss"]
 
     try:
         for step in range(start + 1, total + 1):
-            batch = shard_batch(next(iterator), mesh)
+            batch = shard_batch(next(run.iterator), run.mesh)
             state, metrics = train_step(state, batch)
             if pending is not None:
                 pull(*pending)
             pending = (step, metrics)
-            if is_save_step(step, total, ck.dense_until, ck.every):
+            save = is_save_step(step, total, ck.dense_until, ck.every)
+            if save:
                 pull(*pending)  # never save a state whose step diverged
                 pending = None
-                ckpts.save(step, state.params, state.opt_state, iterator.get_state(),
-                           _meta(cfg, mcfg, corpus, step, None))
+                meta = run.save(state, lineage)
                 last["saved"] = step
+            if on_probe_step is not None and _probe_step(step, save, cfg.train.probe_every):
+                on_probe_step(step, state, meta if save else run.meta(step, lineage))
         if pending is not None:
             pull(*pending)
     finally:

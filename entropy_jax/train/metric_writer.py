@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from entropy_jax.sharding import is_writer
+from entropy_jax.workdir import read_jsonl, write_text_atomic
 
 
 def _clean(value: Any) -> Any:
@@ -20,8 +21,8 @@ def _clean(value: Any) -> Any:
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | Path, resume_step: int | None = None, tensorboard: bool = False):
-        self.path = Path(workdir) / "metrics.jsonl"
+    def __init__(self, path: str | Path, resume_step: int | None = None, tensorboard: bool = False):
+        self.path = Path(path)
         self.enabled = is_writer()
         self._tb = None
         if not self.enabled:
@@ -34,14 +35,13 @@ class MetricWriter:
                 from tensorboardX import SummaryWriter  # optional sink
             except ImportError as e:
                 raise ValueError("train.tensorboard=True needs tensorboardX: pip install tensorboardX") from e
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
-        rows = [r for r in self.path.read_text().splitlines() if r.strip()]
-        kept = [r for r in rows if json.loads(r)["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in kept))
-        tmp.replace(self.path)
+        rows = read_metrics(self.path)
+        if len(rows) != sum(1 for line in self.path.read_text().splitlines() if line.strip()) or any(
+                r["step"] > step for r in rows):  # rewrite only when something must go
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -60,6 +60,6 @@ class MetricWriter:
                 self._tb.close()
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(r) for r in path.read_text().splitlines() if r.strip()]
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` (a torn last line, from a killed writer, is ignored)."""
+    return read_jsonl(Path(path))

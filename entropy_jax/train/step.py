@@ -1,7 +1,8 @@
 """The train state and the jitted train step.
 
 Style: ``jax.jit`` over the pure state (``nnx.split``/``nnx.merge``), returning the new state,
-so the state is an ordinary pytree that Orbax saves and the step can donate.
+so the state is an ordinary pytree that Orbax saves and the step can donate. The objective is a
+``loss_fn(model, batch, rng) -> (loss, aux)`` from :mod:`entropy_jax.train.losses`.
 """
 
 from __future__ import annotations
@@ -14,48 +15,47 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from entropy_jax.models import ModelConfig, Transformer
-
-Batch = dict[str, jax.Array]
+from entropy_jax.train.losses import Batch, LossFn, next_token
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: number of updates applied
-    params: nnx.State
+    params: nnx.State  # trainable (nnx.Param) variables
+    model_state: nnx.State  # every other model variable (power-iteration vectors, counters, ...)
     opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key; step t uses fold_in(rng, t)
 
 
-def init_model(model_cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's static graph and its freshly initialised parameters."""
-    return nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param)
-
-
-def init_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in nats/token (float32)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
-    return losses.mean()
-
-
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    return cross_entropy(model(batch["inputs"]), batch["targets"])
+def init_state(params: nnx.State, model_state: nnx.State, tx: optax.GradientTransformation,
+               seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                      opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+    loss_fn: LossFn | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build the jitted step once per run; it compiles once per batch shape and donates the state."""
+    """Build the jitted step once per run; it compiles once per batch shape and donates the state.
+
+    Metrics: ``loss``, ``grad_norm``, ``lr`` and the loss's ``aux`` entries.
+    """
+    loss_fn = loss_fn or next_token()
+
+    def objective(params, model_state, batch, rng):
+        model = nnx.merge(graphdef, params, model_state, copy=True)  # fresh Variables at this trace level
+        loss, aux = loss_fn(model, batch, rng)
+        return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch)
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, (aux, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, state.model_state, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        metrics = {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        new = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+        return new, metrics
 
     return jax.jit(train_step, donate_argnums=0)

@@ -34,6 +34,7 @@ def representation_probe(position: str) -> ml_collections.ConfigDict:
     """Spectra of the residual stream at the last token ("last") or averaged over tokens ("mean")."""
     return ml_collections.ConfigDict(dict(
         type="representation", position=position,
+        in_training=True,  # also computed by the training process at its probe steps (train.probe_every)
         alpha_fit_range=placeholder(tuple),  # (start, stop) 0-based ranks; None: library default for the width
         dse_sigma=0.0,  # > 0 adds diffusion spectral entropy (bits) with this kernel width
     ))
@@ -42,7 +43,12 @@ def representation_probe(position: str) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # model initialisation and data order
-    c.stage = "pretrain"
+    c.stage = "pretrain"  # pretrain | finetune | sft | dpo | rlvr: recorded in checkpoints and results
+    # Start from another run's checkpoint (parameters and model state; fresh optimiser, step 0).
+    # Ignored when --workdir already holds checkpoints (the run resumes them).
+    c.init_from = ml_collections.ConfigDict()
+    c.init_from.workdir = ""  # "" = train from scratch
+    c.init_from.step = -1  # -1 = the parent's latest checkpoint
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "assoc_pairs"  # markov | markov_mixture | assoc_pairs | text_folder | lm1b | tiny_shakespeare
@@ -69,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.activation = "gelu"  # gelu | relu | silu
     c.model.tie_embeddings = False
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.arch = "transformer"  # a registered architecture (entropy_jax.models.register_architecture)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 3_000
@@ -82,6 +89,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.95
     c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
     c.train.log_every = 1  # steps between rows of metrics.jsonl
+    c.train.loss = ml_collections.ConfigDict(dict(
+        name="next_token",  # entropy_jax.train.losses.LOSSES
+        skip_first=0,  # next_token: positions at the start of each sequence that carry no loss
+    ))
+    # Probes with in_training=True run inside training: -1 at every checkpoint, 0 never, N every N steps.
+    c.train.probe_every = -1
     c.train.tensorboard = False  # also write TensorBoard scalars (needs tensorboardX)
 
     c.checkpoint = ml_collections.ConfigDict()
@@ -89,7 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 1_000  # ...then every this many steps, and at the last step
     c.checkpoint.max_to_keep = 0  # 0 keeps all (the probe sweep needs them)
 
-    # Probes run by experiments/probe.py over every checkpoint (entropy_jax/probes/sweep.py).
+    # Probes run by experiments/probe.py over every checkpoint; type = a registered evaluator
+    # (entropy_jax/sweep/evaluators.py). in_training=True entries also run inside training.
     c.probe_set = ml_collections.ConfigDict()
     c.probe_set.num_sequences = 1_024  # fixed validation sequences; >= 10 x d_model
     c.probe_set.batch_size = 256  # global forward batch

@@ -1,12 +1,16 @@
-"""Sharded forward passes over the fixed probe set, reduced on device to what the probes need.
+"""Sharded forward passes over the fixed probe set, reduced on device to what the evaluators read.
 
 Per example (so padding can be dropped and batches concatenated exactly):
   * ``last``/``mean``: residual stream at the last token / mean over tokens, ``(L+1) x D`` each
     (index 0 = embedding output, index L = after the final norm),
-  * ``attention/*`` (a second pass, over the first sequences only): per layer and head, the mean
-    over query rows of the measured attention entropy, its normalisation by ln T_i, and the
-    Theorem 3.1 bound under three choices of s,
-  * ``predictive_entropy``: mean over positions and at the last position (nats).
+  * ``predictive_entropy`` / ``predictive_entropy_last``: next-token entropy, mean over
+    positions and at the last position (nats),
+  * ``attention/<metric>`` (a second pass, over the first sequences only): per layer and head,
+    the mean over query rows of the measured attention entropy, its normalisation by ln T_i, and
+    the Theorem 3.1 bound under three choices of s (:data:`ATTENTION_METRICS`).
+
+The model is read only through its outputs and methods (``return_intermediates``,
+``query_key_kernels``), never through module attribute paths.
 """
 
 from __future__ import annotations
@@ -23,17 +27,22 @@ from entropy_jax.sharding import data_sharding
 
 # Per layer and head, means over query rows (nats): measured entropy, entropy / ln T_i, and the
 # Theorem 3.1 bound with s = each row's norm, the logit matrix's spectral norm, ||W_K W_Q^T|| ||X X^T||.
-ATTENTION_METRICS = ("attention_entropy", "attention_entropy_normalised", "attention_entropy_bound_row",
-                     "attention_entropy_bound_logits", "attention_entropy_bound_weights")
+BOUNDS = ("row", "logits", "weights")
+ATTENTION_METRICS = ("attention_entropy", "attention_entropy_normalised",
+                     *(f"attention_entropy_bound_{b}" for b in BOUNDS))
 
 
-def _head_kernels(block, d_head: int) -> tuple[jax.Array, jax.Array]:
-    """W_Q (with 1/sqrt(d_head) folded in) and W_K per head: H x D x d_head."""
-    split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], -1, d_head), 1, 0)
-    return split(block.attn.query.kernel[...]) / jnp.sqrt(d_head), split(block.attn.key.kernel[...])
+def _head_bounds(z_TxT: jax.Array, x_TxD: jax.Array, kernels: tuple | None) -> jax.Array:
+    """Row-mean Theorem 3.1 bounds of one head and example for the three choices of s: (3,)."""
+    if kernels is None:  # no bilinear form W_Q W_K^T (rotary positions): the weights bound is undefined
+        b = attention_entropy_bounds(z_TxT, causal=True)
+        return jnp.stack([b["bound_row"].mean(), b["bound_logits"].mean(), jnp.asarray(jnp.nan, jnp.float32)])
+    w_q, w_k = kernels
+    b = attention_entropy_bounds(z_TxT, causal=True, w_q=w_q, w_k=w_k, x=x_TxD)
+    return jnp.stack([b[f"bound_{name}"].mean() for name in BOUNDS])
 
 
-def _attention_stats(model, residual: list, attention_logits: list) -> dict[str, jax.Array]:
+def _attention_stats(model, inter: dict) -> dict[str, jax.Array]:
     """Per example, layer and head: row-mean entropy and bounds, each B x L x H.
 
     The bounds take one spectral norm per head and example. They run under ``lax.map``, one
@@ -42,25 +51,20 @@ def _attention_stats(model, residual: list, attention_logits: list) -> dict[str,
     intra-op thread pool whose workers are all busy running the devices' programs, then
     waits for itself). One matrix per call runs inline.
     """
-    cfg = model.cfg
     per_layer = []
-    for layer, logits_BxHxTxT in enumerate(attention_logits):
+    for layer, (logits_BxHxTxT, x_BxTxD) in enumerate(zip(inter["attention_logits"], inter["attention_inputs"],
+                                                           strict=True)):
         ent = jax.vmap(lambda z: attention_entropy(z[None], causal=True))(logits_BxHxTxT)
-        w_q, w_k = _head_kernels(model.blocks[layer], cfg.d_head)
-        x_BxTxD = model.blocks[layer].attn_norm(residual[layer])
+        kernels = model.query_key_kernels(layer)
+        num_heads = logits_BxHxTxT.shape[1]
 
-        def bounds(args):
-            z_TxT, wq, wk, x = args
-            b = attention_entropy_bounds(z_TxT, causal=True, w_q=wq, w_k=wk, x=x)
-            return jnp.stack([b["bound_row"].mean(), b["bound_matrix"].mean(), b["bound_paper"].mean()])
-
-        def per_example(args, w_q=w_q, w_k=w_k):
-            z_HxTxT, x = args
-            return jax.lax.map(lambda h: bounds((z_HxTxT[h], w_q[h], w_k[h], x)), jnp.arange(cfg.num_heads))
+        def per_example(args, kernels=kernels, num_heads=num_heads):
+            z_HxTxT, x_TxD = args
+            head = lambda h: _head_bounds(z_HxTxT[h], x_TxD, None if kernels is None else (kernels[0][h],
+                                                                                            kernels[1][h]))
+            return jax.lax.map(head, jnp.arange(num_heads))
 
         bnd_BxHx3 = jax.lax.map(per_example, (logits_BxHxTxT, x_BxTxD))
-        if cfg.positions == "rope":  # rotations sit between W_Q and W_K: the paper's s does not apply
-            bnd_BxHx3 = bnd_BxHx3.at[..., 2].set(jnp.nan)
         per_layer.append(jnp.concatenate(
             [ent["head"][..., None], ent["head_normalised"][..., None], bnd_BxHx3], axis=-1))
     stacked = jnp.stack(per_layer, axis=1)  # B x L x H x 5
@@ -68,8 +72,8 @@ def _attention_stats(model, residual: list, attention_logits: list) -> dict[str,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _representations(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
-    logits_BxTxV, inter = nnx.merge(graphdef, params)(tokens_BxT, return_intermediates=True)
+def _representations(graphdef: nnx.GraphDef, state: tuple, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
+    logits_BxTxV, inter = nnx.merge(graphdef, *state)(tokens_BxT, return_intermediates=True)
     h_BxLxTxD = jnp.stack(inter["residual"], axis=1)
     pred_BxT = predictive_entropy(logits_BxTxV)
     return {
@@ -81,13 +85,13 @@ def _representations(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT: jax.
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _attention(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
-    model = nnx.merge(graphdef, params)
+def _attention(graphdef: nnx.GraphDef, state: tuple, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, *state)
     _, inter = model(tokens_BxT, return_intermediates=True)
-    return _attention_stats(model, inter["residual"], inter["attention_logits"])
+    return _attention_stats(model, inter)
 
 
-def _batched(fn, graphdef, params, tokens: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int) -> dict:
+def _batched(fn, graphdef, state, tokens: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int) -> dict:
     """``fn`` over ``tokens`` in global batches sharded over ``mesh``; per-example host arrays.
 
     The last batch is padded by repeating rows (one compiled shape) and the padding is dropped.
@@ -98,19 +102,20 @@ def _batched(fn, graphdef, params, tokens: np.ndarray, mesh: jax.sharding.Mesh, 
     for start in range(0, len(tokens), batch):
         chunk = tokens[start:start + batch]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-        out = fn(graphdef, params, jax.device_put(padded, data_sharding(mesh)))
+        out = fn(graphdef, state, jax.device_put(padded, data_sharding(mesh)))
         pieces.append({k: np.asarray(v)[: len(chunk)] for k, v in jax.device_get(out).items()})
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
 def probe_forward(
-    graphdef: nnx.GraphDef, params: nnx.State, tokens: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int,
-    attention_examples: int = 0,
+    graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, tokens: np.ndarray,
+    mesh: jax.sharding.Mesh, batch_size: int, attention_examples: int = 0,
 ) -> dict[str, np.ndarray]:
     """Representations and predictive entropies of all ``tokens`` (M x T); attention statistics of
     the first ``attention_examples`` sequences only (0: none). The bounds need a T x T spectral
     norm per head and example, O(T^3): at T = 256 that is ~6 ms each on a CPU core."""
-    out = _batched(_representations, graphdef, params, tokens, mesh, batch_size)
+    state = (params, model_state)
+    out = _batched(_representations, graphdef, state, tokens, mesh, batch_size)
     if attention_examples:
-        out |= _batched(_attention, graphdef, params, tokens[:attention_examples], mesh, batch_size)
+        out |= _batched(_attention, graphdef, state, tokens[:attention_examples], mesh, batch_size)
     return out

@@ -1,0 +1,186 @@
+"""Probe types as registered evaluators (big_vision's evaluator style).
+
+A config entry ``config.probes.<name> = dict(type=<key of EVALUATORS>, **kwargs)`` becomes
+``EVALUATORS[type](name, entry, model_info)``. Each evaluator declares the rows it writes per
+checkpoint (:meth:`Evaluator.expected_keys`), what it needs from the forward pass
+(``needs_attention``), and computes its rows (:meth:`Evaluator.run`, yielding
+``(key, value, note)``; ``note`` says why a value is NaN or a limit, "" otherwise). A new probe
+type is one class and one :func:`register_evaluator` call. The same evaluators run over saved
+checkpoints (the sweep) and inside training (``in_training=True`` entries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+from flax import nnx
+
+from entropy_jax.probes.diffusion import diffusion_spectral_entropy
+from entropy_jax.probes.spectra import spectral_metrics
+from entropy_jax.probes.weights import param_path, weight_spectra
+from entropy_jax.sweep.forward import ATTENTION_METRICS
+from entropy_jax.sweep.table import RowKey
+
+Row = tuple[RowKey, float, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What evaluators need to know about the model to name their rows."""
+
+    num_layers: int
+    num_heads: int
+    weight_paths: tuple[str, ...]  # params with ndim >= 2, as "blocks/0/attn/query/kernel"
+
+
+@dataclasses.dataclass
+class Context:
+    """One checkpoint's inputs to the evaluators."""
+
+    forward: dict[str, np.ndarray]  # per-example outputs of entropy_jax.sweep.forward.probe_forward
+    params: nnx.State
+    mesh: jax.sharding.Mesh
+    spectra: dict[str, np.ndarray]  # filled by evaluators: saved to probes/spectra/step_*.npz
+
+
+class Evaluator:
+    """Base class: ``name`` (the config entry), ``entry`` (its kwargs), ``info`` (the model)."""
+
+    needs_attention: ClassVar[bool] = False
+
+    def __init__(self, name: str, entry: Mapping[str, Any], info: ModelInfo):
+        self.name, self.entry, self.info = name, dict(entry), info
+
+    @property
+    def in_training(self) -> bool:
+        return bool(self.entry.get("in_training", False))
+
+    def expected_keys(self) -> set[RowKey]:
+        raise NotImplementedError
+
+    def run(self, ctx: Context) -> Iterator[Row]:
+        raise NotImplementedError
+
+
+class Representation(Evaluator):
+    """Spectra of the residual stream of every layer (0 = embedding output, L = after the final norm).
+
+    kwargs: ``position`` "last" | "mean"; ``alpha_fit_range`` (0-based [start, stop), None: the
+    library default); ``dse_sigma`` > 0 adds diffusion spectral entropy (bits) at that kernel width.
+    """
+
+    METRICS = ("rankme", "rankme_cov", "alpha_req", "alpha_req_r2", "alpha_req_r2_window", "alpha_req_fit_start",
+               "alpha_req_fit_stop", "von_neumann_entropy", "von_neumann_entropy_uncentred")
+    _FROM_RESULT = {"alpha_req_fit_start": "alpha_fit_start", "alpha_req_fit_stop": "alpha_fit_stop"}
+
+    def metrics(self) -> tuple[str, ...]:
+        return self.METRICS + (("dse_bits",) if self.entry.get("dse_sigma", 0) else ())
+
+    def expected_keys(self) -> set[RowKey]:
+        return {(self.name, layer, -1, m) for layer in range(self.info.num_layers + 1) for m in self.metrics()}
+
+    def run(self, ctx: Context) -> Iterator[Row]:
+        reps_NxLxD = ctx.forward[self.entry.get("position", "last")]
+        fit = self.entry.get("alpha_fit_range")
+        for layer in range(reps_NxLxD.shape[1]):
+            x = reps_NxLxD[:, layer]
+            m = spectral_metrics(x, mesh=ctx.mesh, alpha_fit_range=tuple(fit) if fit else None)
+            ctx.spectra[f"{self.name}_layer{layer}"] = m["spectrum"]
+            notes = m.get("notes", {})
+            for metric in self.METRICS:
+                key = self._FROM_RESULT.get(metric, metric)
+                note = notes.get(metric, notes.get("alpha_req", "") if metric.startswith("alpha_req") else "")
+                yield (self.name, layer, -1, metric), float(m.get(key, math.nan)), note
+            if self.entry.get("dse_sigma", 0):
+                dse = diffusion_spectral_entropy(x, sigma=self.entry["dse_sigma"], mesh=ctx.mesh)
+                yield (self.name, layer, -1, "dse_bits"), float(dse), ""
+
+
+class Attention(Evaluator):
+    """Per block (layer 1..L) and head (head -1 = mean over heads): attention entropy, its
+    normalisation by ln T_i, and the three Theorem 3.1 bounds (nats), over the first
+    ``num_examples`` probe sequences (the bounds cost O(T^3) per head and sequence)."""
+
+    needs_attention = True
+    DEFAULT_EXAMPLES = 128
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.entry.get("num_examples", self.DEFAULT_EXAMPLES))
+
+    def expected_keys(self) -> set[RowKey]:
+        return {(self.name, layer, head, m) for layer in range(1, self.info.num_layers + 1)
+                for head in range(-1, self.info.num_heads) for m in ATTENTION_METRICS}
+
+    def run(self, ctx: Context) -> Iterator[Row]:
+        for metric in ATTENTION_METRICS:
+            per_head = ctx.forward[f"attention/{metric}"].mean(axis=0)  # L x H
+            for layer, heads in enumerate(per_head, start=1):
+                note = "" if np.isfinite(heads).all() else "no bilinear form W_Q W_K^T (rotary positions)"
+                yield (self.name, layer, -1, metric), float(np.mean(heads)), note
+                for h, v in enumerate(heads):
+                    yield (self.name, layer, h, metric), float(v), note
+
+
+class Weights(Evaluator):
+    """Spectral/Frobenius norm, stable rank, condition number of every weight matrix; metric
+    ``<param path>/<statistic>``, layer = its block (1..L) or -1."""
+
+    STATS = ("spectral_norm", "frobenius_norm", "stable_rank", "condition_number")
+
+    @staticmethod
+    def block_of(path: str) -> int:
+        parts = path.split("/")
+        return int(parts[1]) + 1 if parts[0] == "blocks" else -1
+
+    def expected_keys(self) -> set[RowKey]:
+        return {(self.name, self.block_of(p), -1, f"{p}/{s}") for p in self.info.weight_paths for s in self.STATS}
+
+    def run(self, ctx: Context) -> Iterator[Row]:
+        for p, v in weight_spectra(nnx.to_pure_dict(ctx.params)).items():
+            for s in self.STATS:
+                yield (self.name, self.block_of(p), -1, f"{p}/{s}"), float(v[s]), ""
+
+
+class Output(Evaluator):
+    """Mean predictive (next-token) entropy over positions and at the last one (nats)."""
+
+    METRICS = ("predictive_entropy", "predictive_entropy_last")
+
+    def expected_keys(self) -> set[RowKey]:
+        return {(self.name, -1, -1, m) for m in self.METRICS}
+
+    def run(self, ctx: Context) -> Iterator[Row]:
+        for m in self.METRICS:
+            yield (self.name, -1, -1, m), float(np.mean(ctx.forward[m])), ""
+
+
+EVALUATORS: dict[str, type[Evaluator]] = {
+    "representation": Representation, "attention": Attention, "weights": Weights, "output": Output,
+}
+
+
+def register_evaluator(kind: str, cls: type[Evaluator]) -> None:
+    """Make ``config.probes.<name> = dict(type=kind, ...)`` run ``cls``."""
+    EVALUATORS[kind] = cls
+
+
+def make_evaluators(probes: Mapping[str, Mapping[str, Any]], info: ModelInfo) -> dict[str, Evaluator]:
+    """One evaluator per config entry; an unknown type is an error naming the valid ones."""
+    out = {}
+    for name, entry in probes.items():
+        kind = entry.get("type")
+        if kind not in EVALUATORS:
+            raise ValueError(f"probe {name!r} has unknown type {kind!r}; valid types: {sorted(EVALUATORS)}")
+        out[name] = EVALUATORS[kind](name, entry, info)
+    return out
+
+
+def model_info(abstract_params: nnx.State, num_layers: int, num_heads: int) -> ModelInfo:
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_params))[0]
+    return ModelInfo(num_layers, num_heads, tuple(param_path(p) for p, leaf in flat if len(leaf.shape) >= 2))
