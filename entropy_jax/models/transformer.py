@@ -13,11 +13,18 @@ also returns, from the same forward pass, what the probes read:
 
 Probes read weights through methods (:meth:`Transformer.query_key_kernels`), never through
 module attribute paths.
+
+Switches for published architectures (GPT-2, GPT-NeoX/Pythia; see entropy_jax.models.hf), each
+off by default so that a config saved before it existed means what it meant: attention and MLP
+biases, the LayerNorm epsilon and exact two-pass variance, a parallel residual, rotary on the
+first fraction of each head's dims with a configurable base, exact (erf) GELU, and embedding
+rows beyond the tokenizer held as model state rather than parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
+# "gelu" is the tanh approximation (GPT-2's gelu_new); "gelu_exact" the erf form (GPT-NeoX's gelu).
+ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+               "relu": jax.nn.relu, "silu": jax.nn.silu}
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 
@@ -46,6 +55,15 @@ class ModelConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"  # compute dtype; parameters stay float32
     arch: str = "transformer"  # registered architecture (entropy_jax.models.build.ARCHITECTURES)
+    # Switches for published architectures; the defaults are what configs without them meant.
+    attention_bias: bool = False  # biases on W_Q, W_K, W_V, W_O
+    mlp_bias: bool = True  # biases on the MLP's two projections
+    norm_eps: float = 1e-6  # epsilon inside the norms (Hugging Face LayerNorms use 1e-5)
+    norm_fast_variance: bool = True  # E[x^2] - E[x]^2; False: the two-pass E[(x - E[x])^2] of torch
+    parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)), both norms reading x (GPT-NeoX)
+    rotary_fraction: float = 1.0  # rope: rotate the first int(d_head * fraction) dims of each head
+    rotary_base: float = 10_000.0  # rope: frequencies base^(-2i/rotary_dims)
+    vocab_padding: int = 0  # rows beyond the tokenizer: model state, not parameters (out of weight spectra)
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -57,10 +75,25 @@ class ModelConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"model.{name}={value!r} is not one of {allowed}")
+        if self.positions == "rope" and (self.rotary_dims < 2 or self.rotary_dims % 2):
+            raise ValueError(f"model.rotary_fraction={self.rotary_fraction} gives {self.rotary_dims} rotary dims of "
+                             f"d_head={self.d_head}; it must give an even number >= 2")
+        if not 0 <= self.vocab_padding < self.vocab_size:
+            raise ValueError(f"model.vocab_padding={self.vocab_padding} must be in [0, vocab_size={self.vocab_size})")
 
     @property
     def d_head(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        """Rotated dims per head: ``int(d_head * rotary_fraction)``, as GPT-NeoX computes it."""
+        return int(self.d_head * self.rotary_fraction)
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows of the embedding that are parameters (the tokenizer's size)."""
+        return self.vocab_size - self.vocab_padding
 
     @property
     def ff_width(self) -> int:
@@ -82,14 +115,26 @@ class ModelConfig:
         return cls(**dict(d))
 
 
+class PaddingRows(nnx.Variable):
+    """Embedding/unembedding rows beyond the tokenizer (published vocabularies are padded, e.g.
+    Pythia's 50,304 rows for 50,277 tokens): no token reaches them, so they are model state, not
+    parameters, and weight spectra leave them out. Logits still cover all ``vocab_size`` rows."""
+
+
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    kw = {"epsilon": cfg.norm_eps, "use_fast_variance": cfg.norm_fast_variance, "rngs": rngs}
     if cfg.norm == "rmsnorm":
-        return nnx.RMSNorm(cfg.d_model, rngs=rngs)
-    return nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        return nnx.RMSNorm(cfg.d_model, **kw)
+    return nnx.LayerNorm(cfg.d_model, **kw)
 
 
-def rotary(x_BxTxHxK: jax.Array, base: float = 10_000.0) -> jax.Array:
-    """Rotary position embedding (Su et al. 2021) on the last axis, rotate-half form."""
+def rotary(x_BxTxHxK: jax.Array, base: float = 10_000.0, dims: int | None = None) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotate-half form, on the first ``dims`` entries
+    of the last axis (default all; GPT-NeoX rotates a fraction and passes the rest through)."""
+    dims = x_BxTxHxK.shape[-1] if dims is None else dims
+    if dims < x_BxTxHxK.shape[-1]:
+        rotated = rotary(x_BxTxHxK[..., :dims], base)
+        return jnp.concatenate([rotated, x_BxTxHxK[..., dims:]], axis=-1)
     t, k = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1]
     freqs = base ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2 / k)
     angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]  # T x K/2
@@ -108,7 +153,7 @@ class CausalSelfAttention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        dense = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=cfg.dtype, rngs=rngs)
+        dense = lambda i, o: nnx.Linear(i, o, use_bias=cfg.attention_bias, dtype=cfg.dtype, rngs=rngs)
         self.query = dense(cfg.d_model, cfg.d_model)
         self.key = dense(cfg.d_model, cfg.d_model)
         self.value = dense(cfg.d_model, cfg.d_model)
@@ -121,7 +166,7 @@ class CausalSelfAttention(nnx.Module):
         heads = lambda y: y.reshape(b, t, cfg.num_heads, cfg.d_head)
         q, k, v = heads(self.query(x_NxD)), heads(self.key(x_NxD)), heads(self.value(x_NxD))
         if cfg.positions == "rope":
-            q, k = rotary(q), rotary(k)
+            q, k = (rotary(y, cfg.rotary_base, cfg.rotary_dims) for y in (q, k))
         logits_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) / jnp.sqrt(cfg.d_head)
         causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
         logits_BxHxTxT = jnp.where(causal_TxT, logits_BxHxTxT, jnp.finfo(jnp.float32).min)
@@ -133,8 +178,8 @@ class CausalSelfAttention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.act = ACTIVATIONS[cfg.activation]
-        self.up = nnx.Linear(cfg.d_model, cfg.ff_width, dtype=cfg.dtype, rngs=rngs)
-        self.down = nnx.Linear(cfg.ff_width, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        self.up = nnx.Linear(cfg.d_model, cfg.ff_width, use_bias=cfg.mlp_bias, dtype=cfg.dtype, rngs=rngs)
+        self.down = nnx.Linear(cfg.ff_width, cfg.d_model, use_bias=cfg.mlp_bias, dtype=cfg.dtype, rngs=rngs)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1])
@@ -142,9 +187,11 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); with ``parallel_residual``
+    x + attn(norm1(x)) + mlp(norm2(x)) (GPT-J / GPT-NeoX)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.parallel = cfg.parallel_residual
         self.attn_norm = _norm(cfg, rngs)
         self.attn = CausalSelfAttention(cfg, rngs)
         self.mlp_norm = _norm(cfg, rngs)
@@ -154,6 +201,8 @@ class Block(nnx.Module):
         """New residual, attention logits, and the normalised input the attention read."""
         normed_BxTxD = self.attn_norm(x_BxTxD)
         attn_out, logits_BxHxTxT = self.attn(normed_BxTxD)
+        if self.parallel:
+            return x_BxTxD + attn_out + self.mlp(self.mlp_norm(x_BxTxD)), logits_BxHxTxT, normed_BxTxD
         x_BxTxD = x_BxTxD + attn_out
         return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), logits_BxHxTxT, normed_BxTxD
 
@@ -163,19 +212,23 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        self.embed = nnx.Embed(cfg.num_tokens, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        if cfg.vocab_padding:
+            self.embed_padding = PaddingRows(jnp.zeros((cfg.vocab_padding, cfg.d_model)))
         if cfg.positions == "learned":
             self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = _norm(cfg, rngs)
         if not cfg.tie_embeddings:
-            self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=cfg.dtype, rngs=rngs)
+            self.unembed = nnx.Linear(cfg.d_model, cfg.num_tokens, use_bias=False, dtype=cfg.dtype, rngs=rngs)
+            if cfg.vocab_padding:
+                self.unembed_padding = PaddingRows(jnp.zeros((cfg.d_model, cfg.vocab_padding)))
 
     def __call__(self, tokens_BxT: jax.Array, return_intermediates: bool = False):
         t = tokens_BxT.shape[1]
         if t > self.cfg.max_len:
             raise ValueError(f"sequence length {t} exceeds model.max_len={self.cfg.max_len}")
-        h_BxTxD = self.embed(tokens_BxT)
+        h_BxTxD = self._embed(tokens_BxT)
         if self.cfg.positions == "learned":
             h_BxTxD = h_BxTxD + self.pos_embed(jnp.arange(t))[None]
         residual, attention_logits, attention_inputs = [h_BxTxD], [], []
@@ -187,18 +240,32 @@ class Transformer(nnx.Module):
         h_BxTxD = self.final_norm(h_BxTxD)
         residual[-1] = h_BxTxD
         h_NxD = h_BxTxD.reshape(-1, self.cfg.d_model)
-        logits_NxV = self.embed.attend(h_NxD) if self.cfg.tie_embeddings else self.unembed(h_NxD)
+        logits_NxV = self._unembed(h_NxD)
         logits_BxTxV = logits_NxV.reshape(*tokens_BxT.shape, -1).astype(jnp.float32)
         if not return_intermediates:
             return logits_BxTxV
         return logits_BxTxV, {"residual": residual, "attention_logits": attention_logits,
                               "attention_inputs": attention_inputs}
 
+    def _embed(self, tokens_BxT: jax.Array) -> jax.Array:
+        if not self.cfg.vocab_padding:
+            return self.embed(tokens_BxT)
+        table = jnp.concatenate([self.embed.embedding[...], self.embed_padding[...]])
+        return jnp.take(table, tokens_BxT, axis=0).astype(self.cfg.dtype)
+
+    def _unembed(self, h_NxD: jax.Array) -> jax.Array:
+        logits_NxV = self.embed.attend(h_NxD) if self.cfg.tie_embeddings else self.unembed(h_NxD)
+        if not self.cfg.vocab_padding:
+            return logits_NxV
+        pad_DxP = self.embed_padding[...].T if self.cfg.tie_embeddings else self.unembed_padding[...]
+        return jnp.concatenate([logits_NxV, h_NxD @ pad_DxP.astype(h_NxD.dtype)], axis=-1)
+
     def query_key_kernels(self, layer: int) -> tuple[jax.Array, jax.Array] | None:
         """Per head ``W_Q / sqrt(d_head)`` and ``W_K`` of block ``layer`` (0-based), each H x D x d_head,
         so that head h's logits are ``X W_Q[h] (X W_K[h])^T``; None where no such bilinear form
-        exists (rotary positions rotate queries and keys between the two kernels)."""
-        if self.cfg.positions == "rope":
+        exists (rotary positions rotate queries and keys between the two kernels; attention
+        biases make the logits affine, not bilinear, in X)."""
+        if self.cfg.positions == "rope" or self.cfg.attention_bias:
             return None
         cfg, attn = self.cfg, self.blocks[layer].attn
         split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], cfg.num_heads, cfg.d_head), 1, 0)
