@@ -23,6 +23,7 @@ import jax
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
+from entropy_jax.data import pipeline
 from entropy_jax.data.builders import (
     SYNTHETIC_KINDS,
     EntropySynthetic,
@@ -30,10 +31,11 @@ from entropy_jax.data.builders import (
     SyntheticParams,
     entropy_metadata,
 )
-from entropy_jax.data.pipeline import make_train_iterator, probe_set
+from entropy_jax.data.pipeline import probe_set
+from entropy_jax.data.task_builder import TaskCorpus, load_task_corpus, make_task_iterator
 from entropy_jax.data.text import PUBLISHED_TEXT, load_text_corpus
 
-VALID_NAMES = (*SYNTHETIC_KINDS, "text_folder", *PUBLISHED_TEXT)
+VALID_NAMES = (*SYNTHETIC_KINDS, "text_folder", *PUBLISHED_TEXT, "tasks")  # tasks: entropy_jax.data.tasks
 
 __all__ = ["Corpus", "VALID_NAMES", "load_corpus", "make_train_iterator", "probe_set"]
 
@@ -124,7 +126,14 @@ def _load_synthetic(data_cfg: Any, seq_len: int, data_dir: str) -> Corpus:
     )
 
 
-def load_corpus(data_cfg: Any, seq_len: int) -> Corpus:
+def make_train_iterator(corpus: Corpus | TaskCorpus, batch_size: int, seed: int, **kwargs: Any):
+    """The corpus's checkpointable batch iterator (see :mod:`entropy_jax.data.pipeline`; task batches:
+    :mod:`entropy_jax.data.task_builder`)."""
+    make = make_task_iterator if isinstance(corpus, TaskCorpus) else pipeline.make_train_iterator
+    return make(corpus, batch_size, seed, **kwargs)
+
+
+def load_corpus(data_cfg: Any, seq_len: int) -> Corpus | TaskCorpus:
     """Prepare (once; later calls reuse the files) and open the corpus named by ``data_cfg.name``.
 
     Raises ValueError for an unknown name or a seq_len longer than the stored sequences, and
@@ -138,6 +147,8 @@ def load_corpus(data_cfg: Any, seq_len: int) -> Corpus:
     data_dir = data_dir_of(data_cfg)
     if name in SYNTHETIC_KINDS:
         return _load_synthetic(data_cfg, seq_len, data_dir)
+    if name == "tasks":
+        return load_task_corpus(data_cfg, seq_len, data_dir, prepare=prepared)
     fields = load_text_corpus(
         name, _get(data_cfg, "text_dir", ""), seq_len, data_dir, bool(_get(data_cfg, "download", True)),
         prepare=prepared,
