@@ -24,9 +24,13 @@ setup(
         "pyarrow>=16",
         "matplotlib>=3.9",
         "tqdm>=4.66",
+        "safetensors>=0.4",  # Hugging Face weights through the numpy backend (entropy_jax.models.hf)
     ],
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "ruff>=0.6", "psutil>=5.9"],
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "ruff>=0.6", "psutil>=5.9",
+                 "tokenizers>=0.15"],
+        # Imported checkpoints: the models' own tokenizers, and downloads from the Hub.
+        "hf": ["tokenizers>=0.15", "huggingface_hub>=0.20"],
         "notebooks": ["jupyterlab>=4", "ipykernel>=6.29"],
     },
 )
