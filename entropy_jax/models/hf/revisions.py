@@ -73,15 +73,18 @@ def find_revisions(paths: Iterable[str | Path], step: int | None = None) -> list
         if not p.is_dir():
             raise FileNotFoundError(f"--hf_dir={p} is not a folder")
         if (p / "config.json").exists():
-            name = p.name
-            found.append(Revision(revision_step(name) if step is None else step, p, name))
+            got = [Revision(revision_step(p.name) if step is None else step, p, p.name)]
         elif (p / "snapshots").is_dir():
-            found += _cache_revisions(p)
+            got = _cache_revisions(p)
         elif repos := sorted(p.glob("models--*")):
-            found += [r for repo_dir in repos for r in _cache_revisions(repo_dir)]
+            got = [r for repo_dir in repos for r in _cache_revisions(repo_dir)]
         else:
-            found += [Revision(revision_step(c.name), c, c.name) for c in sorted(p.iterdir())
-                      if (c / "config.json").exists() and _STEP.match(c.name)]
+            got = [Revision(revision_step(c.name), c, c.name) for c in sorted(p.iterdir())
+                   if (c / "config.json").exists() and _STEP.match(c.name)]
+        if not got:
+            raise HFImportError(f"{p} has no config.json and holds no step<N> revision folders or Hugging Face cache "
+                                "revisions (refs/step<N> with a snapshot); point --hf_dir at a model revision folder")
+        found += got
     steps = [r.step for r in found]
     if len(set(steps)) != len(steps):
         raise HFImportError(f"several folders give the same step: {sorted(s for s in set(steps) if steps.count(s) > 1)}"
@@ -89,7 +92,7 @@ def find_revisions(paths: Iterable[str | Path], step: int | None = None) -> list
     if step is not None and len(found) > 1:
         raise HFImportError("--step names the step of a single folder; several revisions were given")
     if not found:
-        raise FileNotFoundError(f"no model revisions (folders with config.json) under {list(map(str, paths))}")
+        raise FileNotFoundError("no --hf_dir given: name revision folders, folders of them, or a Hub cache tree")
     return sorted(found, key=lambda r: r.step)
 
 
