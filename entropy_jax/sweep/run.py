@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from entropy_jax import data
 from entropy_jax.checkpoint import CheckpointReadError, Checkpoints
-from entropy_jax.models import ModelConfig, abstract_model
+from entropy_jax.models import ModelConfig, abstract_model, hf
 from entropy_jax.sharding import is_writer, make_mesh
 from entropy_jax.sweep.evaluators import Context, Evaluator, make_evaluators, model_info
 from entropy_jax.sweep.forward import probe_forward
@@ -61,8 +61,11 @@ def probe_source(meta: dict) -> dict:
 
 def fixed_probe_set(workdir: Workdir, source: dict) -> np.ndarray:
     """The run's fixed probe tokens, saved once with their hash; later sweeps must match it."""
-    corpus = data.load_corpus(ml_collections.ConfigDict(source["data"]), source["seq_len"])
-    tokens, digest = data.probe_set(corpus, source["probe_set"]["num_sequences"])
+    if source.get("kind") == hf.probe_text.KIND:  # an imported model: its own tokenizer over text
+        tokens, digest = hf.probe_tokens(source)
+    else:
+        corpus = data.load_corpus(ml_collections.ConfigDict(source["data"]), source["seq_len"])
+        tokens, digest = data.probe_set(corpus, source["probe_set"]["num_sequences"])
     path = workdir.probe_set
     if path.exists():
         saved = np.load(path)
@@ -86,6 +89,21 @@ def _save_spectra(path: Path, spectra: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(tmp, **spectra)
     tmp.replace(path)
+
+
+def duplicate_rows(frame: Any, base: dict) -> list[dict]:
+    """A ``checkpoint / duplicate_of_step`` row, and a warning, when another step of the run already
+    in the table holds exactly these parameters (same ``ckpt_hash``): published revisions (Pythia,
+    OLMo branches) have served duplicated weights. Value: the earliest such step."""
+    same = frame[(frame["run"] == base["run"]) & (frame["ckpt_hash"] == base["ckpt_hash"])
+                 & (frame["step"] != base["step"])]
+    if same.empty:
+        return []
+    twin = int(same["step"].min())
+    logging.warning("step %d holds exactly the parameters of step %d (ckpt_hash %s): duplicated weights",
+                    base["step"], twin, base["ckpt_hash"])
+    return [{**base, "probe": "checkpoint", "layer": -1, "head": -1, "metric": "duplicate_of_step",
+             "value": float(twin), "note": f"identical parameters (ckpt_hash {base['ckpt_hash']}) to step {twin}"}]
 
 
 class Prober:
@@ -128,6 +146,7 @@ class Prober:
                 if key in missing:
                     rows.append({**base, "probe": key[0], "layer": key[1], "head": key[2], "metric": key[3],
                                  "value": value, "note": note})
+        rows += duplicate_rows(self.table.frame, base)
         _save_spectra(self.workdir.spectra_file(step), ctx.spectra)
         added = self.table.append(rows) if is_writer() else 0
         self.report.rows_added += added
