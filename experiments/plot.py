@@ -6,15 +6,17 @@ Reads ``workdir/probes/results.parquet`` (or ``.csv``), ``workdir/metrics.jsonl`
 ``workdir/probes/spectra/`` when present; writes PNGs to ``workdir/plots/`` and the phase table to
 ``workdir/probes/phases.csv``. Figures whose inputs are absent (e.g. no attention rows) are skipped
 with a log line. All logic lives in ``entropy_jax.analysis``.
+
+The workdir, --probe and --layer are checked against the results table before anything is drawn.
+Exit status: 0 done; 2 bad input (one line "error: ..."; nothing written), including a read-only
+workdir; 1 an unexpected error (a bug, with its traceback).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from absl import flags, logging
 
-from absl import app, flags, logging
-
+from entropy_jax import cli, validate
 from entropy_jax.analysis import analyse
 from entropy_jax.cli import start, user_errors
 
@@ -33,13 +35,11 @@ _LAYER = flags.DEFINE_integer(
 
 def main(argv: list[str]) -> None:
     start(argv)
-    workdir = Path(_WORKDIR.value)
-    if not workdir.is_dir():
-        sys.exit(f"error: workdir {workdir} does not exist")
     with user_errors():
+        workdir = validate.check_plot_request(_WORKDIR.value, _PROBE.value, _LAYER.value)
         report = analyse(workdir, probe=_PROBE.value, layer=_LAYER.value)
     logging.info("%s", report)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

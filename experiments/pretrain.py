@@ -7,22 +7,26 @@ config key with --config.<key>=<value>, e.g. --config.train.steps=200. Start fro
 checkpoint (fine-tuning on another corpus, say) with --init_from:
   python experiments/pretrain.py --config=experiments/configs/pretrain.py:tiny --config.data.name=markov \
       --init_from=runs/demo --config.stage=finetune --workdir=runs/demo_ft
+
+The whole configuration is checked before anything is written (types, ranges, the batch against
+the device count, the probe set against the data, a resumed workdir against its saved config).
+Exit status: 0 done; 2 bad input (one line "error: ..."; nothing written), including a full disk
+or a read-only workdir; 1 an unexpected error (a bug, with its traceback).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from entropy_jax import cli
 from entropy_jax.cli import apply_init_flags, start, summarise_training, train_with_probes, user_errors
 
 CONFIGS = Path(__file__).parent / "configs"
-config_flags.DEFINE_config_file(
-    "config", str(CONFIGS / "pretrain.py") + ":tiny",
+cli.define_config_flag(
+    str(CONFIGS / "pretrain.py") + ":tiny",
     "Config file and preset, e.g. experiments/configs/pretrain.py:small; keys overridable as --config.train.steps=N.",
-    lock_config=True,
 )
 flags.DEFINE_string(
     "workdir", None, "Output folder for checkpoints and metrics.jsonl; resumes if it already holds checkpoints."
@@ -44,4 +48,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,12 +10,12 @@ from conftest import REPO
 PACKAGE = REPO / "entropy_jax"
 # Lowest first; a module may import its own layer or any lower one.
 LAYERS = (
-    {"sharding", "workdir", "data", "models"},
+    {"errors", "sharding", "workdir", "data", "models", "config"},
     {"train", "checkpoint"},
     {"probes"},
     {"sweep"},
     {"analysis"},
-    {"cli"},
+    {"validate", "cli"},
 )
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

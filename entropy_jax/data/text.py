@@ -15,6 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow_datasets as tfds
 
+from entropy_jax.errors import UserError
+
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 VALIDATION_FRACTION = 0.1  # the last 10% of every file's bytes
 PUBLISHED_TEXT = ("lm1b", "tiny_shakespeare")
@@ -118,23 +120,48 @@ def packed_stream(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+class DatasetUnavailableError(UserError, FileNotFoundError):
+    """A published dataset is not prepared and could not be downloaded (offline, or disabled)."""
+
+
+_NETWORK_ERRORS = ("ConnectionError", "Timeout", "gaierror", "NameResolutionError", "MaxRetryError", "URLError",
+                   "SSLError", "ProxyError")
+
+
+def download_failure(e: BaseException) -> str:
+    """Why a TFDS download failed, in words: a missing Python package, the network, or ``e`` itself."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for c in chain:
+        if isinstance(c, ImportError):
+            return f"the Python package {c.name!r} is missing (pip install {c.name})"
+    for c in chain:
+        if isinstance(c, (ConnectionError, TimeoutError)) or any(n in type(c).__name__ for n in _NETWORK_ERRORS):
+            return f"the network is unreachable from here ({type(c).__name__}: {c})"
+    return f"{type(chain[0]).__name__}: {chain[0]}"
+
+
 def _published_builder(name: str, data_dir: str, download: bool) -> tfds.core.DatasetBuilder:
     """The TFDS builder of a published text set, prepared (downloads if allowed and online)."""
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if builder.is_prepared():
         return builder
-    try:
-        if not download:
-            raise RuntimeError("downloading is disabled (data.download=False)")
-        builder.download_and_prepare()
-    except Exception as e:  # no network, missing optional deps, tfrecord-only files...
-        raise FileNotFoundError(
-            f"TFDS dataset {name!r} is not prepared in {data_dir!r} as array_record and could not be "
-            f"downloaded ({type(e).__name__}: {e}). On a machine with internet run\n"
-            f"  tfds build {name} --file_format=array_record --data_dir={data_dir}\n"
-            "or use the embedded corpus (data.name='markov')."
-        ) from e
-    return builder
+    if not download:
+        why = "downloading is disabled (data.download=False)"
+    else:
+        try:
+            builder.download_and_prepare()
+            return builder
+        except Exception as e:  # whatever TFDS raised: said in words below
+            why = download_failure(e)
+    raise DatasetUnavailableError(
+        f"TFDS dataset {name!r} is not prepared in {data_dir!r} as array_record and could not be downloaded: "
+        f"{why}. On a machine with internet run `tfds build {name} --file_format=array_record "
+        f"--data_dir={data_dir}` and copy the folder here, or use an embedded corpus (data.name='markov')."
+    )
 
 
 def _prepare_here(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
