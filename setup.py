@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Train Flax LMs, checkpoint with Orbax, and probe representation geometry across training.",
     packages=find_packages(include=["entropy_jax", "entropy_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, flax, orbax-checkpoint and grain require 3.11
     install_requires=[
         "jax>=0.7.0",
         "flax>=0.12.0",
@@ -15,6 +15,7 @@ setup(
         "orbax-checkpoint>=0.11.20",
         "tensorflow-datasets>=4.9.9",
         "array_record>=0.8.1",
+        "importlib_resources>=6",  # TFDS's published builders (lm1b, tiny_shakespeare) import it to download
         "grain>=0.2.12",
         "ml_collections>=1.1.0",
         "absl-py>=2.1",
