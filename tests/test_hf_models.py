@@ -87,6 +87,29 @@ def test_transformers5_config_dialect_and_lm_head_name(tmp_path):
     np.testing.assert_array_equal(_run(dst, ref["tokens"])[0], _run(src, ref["tokens"])[0])
 
 
+@pytest.mark.parametrize("variant", ["sequential_residual", "tied_with_padding"])
+def test_neox_variants_match_numpy(variant, tmp_path):
+    """GPT-NeoX with use_parallel_residual=False, and with tied embeddings over padded rows."""
+    src, dst = FIXTURES / "gpt_neox", tmp_path / "step0"
+    shutil.copytree(src, dst)
+    cfg = json.loads((src / "config.json").read_text())
+    tensors = _hf_tensors(src)
+    if variant == "sequential_residual":
+        cfg["use_parallel_residual"] = False
+    else:
+        cfg["tie_word_embeddings"] = True
+        del tensors["embed_out.weight"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, dst / "model.safetensors")
+    tokens = np.load(src / "reference.npz")["tokens"]
+    tokens[0, :3] = [91, 95, 93]  # padding rows are reachable through the logits only; embed a few anyway
+    logits, hidden = _run(dst, tokens)
+    np_logits, np_hidden = numpy_forward(cfg, tensors, tokens)
+    np.testing.assert_allclose(logits, np_logits, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(hidden[1], np_hidden[1], rtol=0, atol=1e-5)
+    assert np.abs(np_logits - np.load(src / "reference.npz")["logits"]).max() > 1e-2  # the variant differs
+
+
 def _write_bf16(path, tensors):
     """A safetensors file with BF16 tensors, written from the format description."""
     header, blobs, offset = {}, [], 0

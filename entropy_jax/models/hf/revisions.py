@@ -116,6 +116,11 @@ def hub_revisions(repo: str) -> list[str]:
 def download(repo: str, revision: str) -> Iterator[Revision]:
     """One revision's config, tokenizer and safetensors in a temporary folder, deleted afterwards."""
     hub = _hub()
+    files = hub.list_repo_files(repo, revision=revision)
+    if not any(f.endswith(".safetensors") for f in files):
+        raise HFImportError(f"revision {revision} of {repo} has no safetensors weights ({len(files)} files: "
+                            f"{sorted(files)[:6]}...); .bin weights need torch to read: convert them with "
+                            "transformers (save_pretrained(dir, safe_serialization=True)) and pass --hf_dir")
     tmp = Path(tempfile.mkdtemp(prefix="entropy_jax_hf_"))
     try:
         folder = Path(hub.snapshot_download(repo, revision=revision, local_dir=tmp,
