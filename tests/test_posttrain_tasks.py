@@ -9,6 +9,7 @@ import pytest
 from entropy_jax import data
 from entropy_jax.data import tasks
 from entropy_jax.data.tasks import TaskParams, check, check_parsed, expected_answers, generate, sequences
+from entropy_jax.errors import UserError
 
 V = 64  # content tokens 0..55; PAD 63, SEP 62, markers lookup 61, copy 60, reverse 59, sort 58, add 57
 SEP = 62
@@ -46,7 +47,7 @@ def test_checker_refuses_prompts_it_cannot_parse(prompt, answer_len):
     p = np.array([prompt])
     expected, parsed = expected_answers(p, answer_len, V)
     assert not parsed[0] and not check(p, expected, V)[0]
-    with pytest.raises(ValueError, match="cannot parse prompt 0"):
+    with pytest.raises(UserError, match="cannot parse prompt 0"):
         check_parsed(p, expected, V)
 
 
@@ -67,9 +68,9 @@ def test_generated_examples_pass_the_checker_and_rejected_ones_fail(kind, size):
 
 
 def test_bad_task_configs_are_refused_in_one_line():
-    with pytest.raises(ValueError, match="not a task the checker can parse"):
+    with pytest.raises(UserError, match="not a task the checker can parse"):
         TaskParams(kind="divide")
-    with pytest.raises(ValueError, match="task_size=60 does not fit vocab_size=64"):
+    with pytest.raises(UserError, match="task_size=60 does not fit vocab_size=64"):
         TaskParams(kind="lookup", size=60, vocab_size=V)
 
 
@@ -79,7 +80,7 @@ def test_sequences_weight_exactly_the_answer_targets():
     np.testing.assert_array_equal(s["inputs"][0], [60, 3, 1, 2, SEP, 3, 1, 2, 63, 63])
     np.testing.assert_array_equal(s["targets"][0], [3, 1, 2, SEP, 3, 1, 2, 63, 63, 63])
     np.testing.assert_array_equal(s["weights"][0], [0, 0, 0, 0, 1, 1, 1, 0, 0, 0])
-    with pytest.raises(ValueError, match="do not fit train.seq_len"):
+    with pytest.raises(UserError, match="do not fit train.seq_len"):
         sequences(p, np.array([[3, 1, 2]]), seq_len=6, vocab_size=V)
 
 
@@ -106,7 +107,7 @@ def test_builder_batches_by_split_and_resume_exactly(data_dir):
     rl = next(data.make_train_iterator(data.load_corpus(_cfg(data_dir, "rl"), 16), 8, seed=1))
     assert rl["prompts"].shape == (8, 9) and rl["answers"].shape == (8, 1) and rl["eval_prompts"].shape == (8, 9)
     assert check(rl["prompts"], rl["answers"], V).all()
-    with pytest.raises(ValueError, match="data.split='validation'"):
+    with pytest.raises(UserError, match="data.split='validation'"):
         data.load_corpus(_cfg(data_dir, "validation"), 16)
-    with pytest.raises(ValueError, match="more than train.seq_len"):
+    with pytest.raises(UserError, match="more than train.seq_len"):
         data.load_corpus(_cfg(data_dir, "sft"), 6)

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from entropy_jax.data.tasks import SPLITS, TaskParams, generate, sequences
+from entropy_jax.errors import UserError
 
 TRAIN_SPLITS = ("sft", "dpo", "rl")
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
@@ -98,9 +99,9 @@ def load_task_corpus(data_cfg: Any, seq_len: int, data_dir: str, prepare: Prepar
     """Prepare (once) and open the task dataset of ``data_cfg``; ``prepare`` generates the files."""
     params, split = task_params(data_cfg), data_cfg.get("split", "sft")
     if split not in TRAIN_SPLITS:
-        raise ValueError(f"data.split={split!r} is not a training split of the tasks; choose one of {TRAIN_SPLITS}")
+        raise UserError(f"data.split={split!r} is not a training split of the tasks; choose one of {TRAIN_SPLITS}")
     if params.prompt_len + params.answer_len > seq_len + 1:
-        raise ValueError(f"data.task={params.kind!r} of size {params.size} needs {params.prompt_len} prompt + "
+        raise UserError(f"data.task={params.kind!r} of size {params.size} needs {params.prompt_len} prompt + "
                          f"{params.answer_len} answer tokens, more than train.seq_len + 1 = {seq_len + 1}; "
                          "choose a smaller data.task_size")
     config = TaskConfig(params)

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entropy_jax.errors import UserError
+
 KINDS = ("lookup", "copy", "reverse", "sort", "add")
 SPLITS = ("sft", "dpo", "rl", "validation")  # disjoint streams: SFT pairs, DPO triples, RL prompts, held out
 NUM_SPECIAL = 8
@@ -71,11 +73,11 @@ class TaskParams:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"data.task={self.kind!r} is not a task the checker can parse; choose one of {KINDS}")
+            raise UserError(f"data.task={self.kind!r} is not a task the checker can parse; choose one of {KINDS}")
         content = num_content(self.vocab_size)
         low, high = {"add": (2, content - 1), "lookup": (1, content)}.get(self.kind, (1, None))
         if self.size < low or (high is not None and self.size > high):
-            raise ValueError(
+            raise UserError(
                 f"data.task={self.kind!r} with data.task_size={self.size} does not fit vocab_size={self.vocab_size} "
                 f"({content} content tokens): choose a task_size in [{low}, {high or 'seq_len'}]")
 
@@ -144,11 +146,11 @@ def check(prompts_NxP, answers_NxA, vocab_size: int):
 
 
 def check_parsed(prompts_NxP: np.ndarray, answers_NxA: np.ndarray, vocab_size: int) -> np.ndarray:
-    """:func:`check` on host arrays, raising ``ValueError`` naming the first prompt the checker cannot parse."""
+    """:func:`check` on host arrays, raising ``UserError`` naming the first prompt the checker cannot parse."""
     _, parsed = expected_answers(np.asarray(prompts_NxP), answers_NxA.shape[1], vocab_size)
     if not parsed.all():
         i = int(np.flatnonzero(~parsed)[0])
-        raise ValueError(f"the task checker cannot parse prompt {i} ({np.asarray(prompts_NxP)[i].tolist()}) with "
+        raise UserError(f"the task checker cannot parse prompt {i} ({np.asarray(prompts_NxP)[i].tolist()}) with "
                          f"answers of {answers_NxA.shape[1]} tokens over vocab_size={vocab_size}: "
                          f"regenerate the task data (data.task, data.task_size, data.vocab_size)")
     return check(np.asarray(prompts_NxP), np.asarray(answers_NxA), vocab_size)
@@ -194,8 +196,8 @@ def _rejected(p: TaskParams, prompts: np.ndarray, answers: np.ndarray, rng: np.r
 def generate(p: TaskParams, split: str, n: int) -> dict[str, np.ndarray]:
     """``n`` examples of ``split``: prompt ``[n, P]``, answer and rejected ``[n, A]`` (int32).
 
-    Splits are independent seeded streams. Raises ValueError if the checker cannot parse a
-    prompt, rejects a generated answer, or accepts a rejected one (the checker is the reference).
+    Splits are independent seeded streams. Raises UserError if the checker cannot parse a prompt,
+    RuntimeError if it rejects a generated answer or accepts a rejected one (it is the reference).
     """
     rng = np.random.default_rng([p.seed, SPLITS.index(split), 0x7A5C])
     prompts = np.concatenate([_prompts(p, min(_CHUNK, n - s), rng) for s in range(0, n, _CHUNK)] or
@@ -203,7 +205,7 @@ def generate(p: TaskParams, split: str, n: int) -> dict[str, np.ndarray]:
     answers, _ = expected_answers(prompts, p.answer_len, p.vocab_size)
     rejected = _rejected(p, prompts, answers, rng).astype(np.int32)
     if not (check_parsed(prompts, answers, p.vocab_size).all() and not check(prompts, rejected, p.vocab_size).any()):
-        raise ValueError(f"task {p.kind!r}: generated answers disagree with the checker")
+        raise RuntimeError(f"task {p.kind!r}: generated answers disagree with the checker")
     return {"prompt": prompts, "answer": answers.astype(np.int32), "rejected": rejected}
 
 
@@ -216,7 +218,7 @@ def sequences(prompts_NxP: np.ndarray, answers_NxA: np.ndarray, seq_len: int, vo
     n, p = prompts_NxP.shape
     a = answers_NxA.shape[1]
     if p + a > seq_len + 1:
-        raise ValueError(f"prompt ({p}) + answer ({a}) tokens do not fit train.seq_len + 1 = {seq_len + 1}; "
+        raise UserError(f"prompt ({p}) + answer ({a}) tokens do not fit train.seq_len + 1 = {seq_len + 1}; "
                          "choose a smaller data.task_size")
     tokens = np.full((n, seq_len + 1), pad_id(vocab_size), dtype=np.int32)
     tokens[:, :p], tokens[:, p:p + a] = prompts_NxP, answers_NxA

@@ -6,6 +6,11 @@ key already folded with the step. ``loss`` is a float32 scalar to minimise; ``au
 scalars that the train step adds to its metrics (and so to ``metrics.jsonl``).
 
 ``config.train.loss = dict(name=<key of LOSSES>, **kwargs)``; kwargs go to the loss factory.
+
+Fine-tuning stages: SFT is ``next_token`` on task batches (their ``weights`` keep only answer
+tokens); ``dpo`` compares chosen and rejected answers against a frozen reference (the stage's
+init checkpoint, :mod:`entropy_jax.train.reference`); ``grpo`` (:mod:`entropy_jax.train.grpo`)
+samples answers and rewards them with the task checker.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -57,7 +63,71 @@ def next_token(skip_first: int = 0) -> LossFn:
     return loss_fn
 
 
-LOSSES: dict[str, Callable[..., LossFn]] = {"next_token": next_token}
+def sequence_logprob(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array) -> jax.Array:
+    """``sum_t w_t ln p(target_t)`` per sequence (nats, float32 ``[B]``): the log-probability of the
+    weighted tokens (an answer) given everything before them."""
+    logp_BxT = -optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+    return (logp_BxT * weights_BxT.astype(jnp.float32)).sum(axis=-1)
+
+
+def dpo_objective(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
+                  ref_rejected: jax.Array, beta: float, label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
+    """Direct preference optimisation (Rafailov et al. 2023), per pair from sequence log-probabilities.
+
+    Implicit rewards ``r = beta (ln pi(y|x) - ln pi_ref(y|x))``; with ``h = r_chosen - r_rejected``
+    the loss is ``-(1 - eps) ln sigmoid(h) - eps ln sigmoid(-h)`` (``eps`` = ``label_smoothing``,
+    the conservative DPO of Mitchell 2023), averaged over pairs (nats). aux: ``reward_margin``
+    (mean h), ``reward_accuracy`` (share of pairs with h > 0), ``reward_chosen``, ``reward_rejected``.
+    """
+    r_chosen, r_rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    h = r_chosen - r_rejected
+    loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(h) - label_smoothing * jax.nn.log_sigmoid(-h)
+    aux = {"reward_margin": h.mean(), "reward_accuracy": (h > 0).astype(jnp.float32).mean(),
+           "reward_chosen": r_chosen.mean(), "reward_rejected": r_rejected.mean()}
+    return loss.mean(), aux
+
+
+def reference_model(model, ref_params):
+    """The policy's graph and non-parameter state with the frozen reference parameters (no gradient)."""
+    graphdef, _, model_state = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, jax.lax.stop_gradient(ref_params), model_state, copy=True)
+
+
+def load_reference_params(loss_name: str, workdir: str, step: int) -> Any:
+    """The frozen reference parameters (checkpoint ``step`` of ``workdir``); one line for an empty ``workdir``."""
+    if not workdir:
+        raise ValueError(f"train.loss.name={loss_name!r} needs a frozen reference model: start the stage from a "
+                         "checkpoint (--init_from=<workdir>, which becomes the reference) or set "
+                         "train.loss.reference_workdir")
+    from entropy_jax.train.reference import load_reference  # reads checkpoints: only for these losses
+
+    return load_reference(workdir, step)
+
+
+def dpo(beta: float = 0.1, label_smoothing: float = 0.0, reference_workdir: str = "",
+        reference_step: int = -1) -> LossFn:
+    """DPO on task batches: chosen answer in ``inputs``/``targets``/``weights``, rejected in
+    ``rejected_*``; the reference is checkpoint ``reference_step`` of ``reference_workdir``."""
+    if not (beta > 0 and 0.0 <= label_smoothing < 0.5):
+        raise ValueError(f"train.loss: dpo needs beta > 0 and 0 <= label_smoothing < 0.5, got beta={beta}, "
+                         f"label_smoothing={label_smoothing}")
+    ref_params = load_reference_params("dpo", reference_workdir, reference_step)
+
+    def loss_fn(model, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        del rng
+        inputs = jnp.concatenate([batch["inputs"], batch["rejected_inputs"]])  # one forward for both answers
+        targets = jnp.concatenate([batch["targets"], batch["rejected_targets"]])
+        weights = jnp.concatenate([batch["weights"], batch["rejected_weights"]])
+        policy = sequence_logprob(model(inputs), targets, weights)
+        ref = sequence_logprob(reference_model(model, ref_params)(inputs), targets, weights)
+        b = batch["inputs"].shape[0]
+        loss, aux = dpo_objective(policy[:b], policy[b:], ref[:b], ref[b:], beta, label_smoothing)
+        return loss, {**aux, "loss_tokens": batch["weights"].sum() + batch["rejected_weights"].sum()}
+
+    return loss_fn
+
+
+LOSSES: dict[str, Callable[..., LossFn]] = {"next_token": next_token, "dpo": dpo}
 
 
 def make_loss(spec: Mapping[str, Any] | None) -> LossFn:

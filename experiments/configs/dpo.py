@@ -1,0 +1,39 @@
+"""Direct preference optimisation on verifiable tasks: ``--config=experiments/configs/dpo.py:<preset>``.
+
+Pairs of a correct (chosen) and a plausible wrong (rejected) answer to the same prompt; the frozen
+reference is the checkpoint the stage starts from (Rafailov et al. 2023), stage ``dpo``:
+  python experiments/posttrain.py --config=experiments/configs/dpo.py:tiny --init_from=runs/sft \
+      --workdir=runs/dpo
+Presets as in sft.py (the task and model of the pretraining preset):
+  tiny  200 steps, beta 0.1, lr 3e-4: the implicit reward margin and the preference accuracy
+        (metrics.jsonl: reward_margin, reward_accuracy) should rise from 0 and 0.5.
+  test  30 steps; what the tests run.
+``train.loss.label_smoothing`` > 0 gives conservative DPO; ``reference_workdir`` empty means the
+init checkpoint (filled in by experiments/posttrain.py and run.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def _sft():
+    spec = importlib.util.spec_from_file_location("sft_configs", Path(__file__).with_name("sft.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    c = _sft().posttrain_config(preset, "dpo", "dpo")
+    c.train.steps = 200 if preset == "tiny" else 30
+    c.train.lr = 3e-4 if preset == "tiny" else 3e-3
+    c.train.end_lr = c.train.lr / 10
+    c.train.loss = ml_collections.ConfigDict(dict(
+        name="dpo", beta=0.1, label_smoothing=0.0,
+        reference_workdir="", reference_step=-1,  # "" = the checkpoint the stage starts from
+    ))
+    return c
