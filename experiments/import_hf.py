@@ -24,12 +24,9 @@ Exit status: 0 done; 2 bad input (one line "error: ..."), nothing written; 1 a b
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import shutil
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -37,7 +34,7 @@ import pandas as pd
 from absl import app, flags
 
 from entropy_jax.checkpoint import Checkpoints
-from entropy_jax.cli import start
+from entropy_jax.cli import start, user_errors
 from entropy_jax.models import hf
 from entropy_jax.models.hf.revisions import PYTHIA_TOKENS_PER_STEP, Revision, download, hub_revisions
 from entropy_jax.probes import weight_spectra
@@ -62,8 +59,6 @@ _NUM_SEQUENCES = flags.DEFINE_integer("num_sequences", 1024, "Probe sequences (>
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Probe forward batch (global).")
 _FSDP = flags.DEFINE_bool("fsdp", False, "Shard parameters over the data axis while importing (large models).")
 _WEIGHTS_ONLY = flags.DEFINE_bool("weights_only", False, "Only the weight statistics, straight from the files.")
-
-EXIT_BAD_INPUT = 2
 
 
 class Importer:
@@ -115,7 +110,7 @@ def probe_source_for(workdir: Path, tokenizer: Path, text_dir: str = "", tfds_na
     """The hf_text probe source, checked now (tokenizer present, enough text) so nothing is written
     for a probe set that cannot be built; the workdir keeps its own copy of the tokenizer."""
     if not tokenizer.exists():
-        raise FileNotFoundError(f"{tokenizer.parent} has no tokenizer.json; the probe set needs the model's tokenizer")
+        raise hf.HFImportError(f"{tokenizer.parent} has no tokenizer.json; the probe set needs the model's tokenizer")
     kept = Workdir(workdir).probes / "tokenizer.json"
     source = hf.probe_source(kept, seq_len, num_sequences, batch_size, text_dir, tfds_name, tfds_split)
     if text_dir or tfds_name:
@@ -183,21 +178,11 @@ def weights_from_files(folders: list[str], workdir: str | Path, step: int | None
     return out
 
 
-@contextlib.contextmanager
-def bad_input() -> Iterator[None]:
-    """Input a user can fix: one line ``error: ...`` and exit status 2."""
-    try:
-        yield
-    except (hf.HFImportError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
-
-
 def main(argv: list[str]) -> None:
     start(argv)
     probe_kwargs = dict(text_dir=_TEXT_DIR.value, tfds_name=_TFDS_NAME.value, tfds_split=_TFDS_SPLIT.value,
                         seq_len=_SEQ_LEN.value, num_sequences=_NUM_SEQUENCES.value, batch_size=_BATCH_SIZE.value)
-    with bad_input():
+    with user_errors():
         if bool(_HF_DIR.value) == bool(_HF_MODEL.value):
             raise hf.HFImportError("give either --hf_dir (local folders) or --hf_model (a Hub repository)")
         if _WEIGHTS_ONLY.value:

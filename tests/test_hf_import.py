@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from entropy_jax.analysis import analyse, load_results
 from entropy_jax.checkpoint import Checkpoints
+from entropy_jax.cli import user_errors
 from entropy_jax.models import hf
 from entropy_jax.models.hf.probe_text import folder_documents
 from entropy_jax.sweep import sweep
@@ -159,7 +160,7 @@ def test_refusals_give_one_line_exit_2_and_write_nothing(kind, tmp_path, capsys)
     shutil.copytree(FIXTURES / "gpt_neox", bad)
     _break(kind, bad)
     workdir = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit_, import_hf.bad_input():
+    with pytest.raises(SystemExit) as exit_, user_errors():
         import_hf.import_folders([str(good), str(bad)], workdir, **PROBE)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err

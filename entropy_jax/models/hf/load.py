@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from entropy_jax.models.build import build_model
 from entropy_jax.models.hf.configs import model_config, read_config, tokenizer_size
 from entropy_jax.models.hf.convert import convert
-from entropy_jax.models.hf.safetensors_io import file_sha256, read_tensors, tensor_shapes, weight_files
+from entropy_jax.models.hf.safetensors_io import HFImportError, file_sha256, read_tensors, tensor_shapes, weight_files
 from entropy_jax.models.transformer import ModelConfig
 from entropy_jax.sharding import DATA_AXIS, replicated
 
@@ -84,7 +84,7 @@ def read_hf_checkpoint(folder: str | Path, mesh: jax.sharding.Mesh | None = None
     """Read and convert one revision folder; every refusal is an HFImportError with one clear line."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; point --hf_dir at a downloaded model revision")
+        raise HFImportError(f"{folder} is not a folder; point --hf_dir at a downloaded model revision")
     hf = read_config(folder)
     tokens = tokenizer_size(folder)
     cfg = model_config(hf, tokens)

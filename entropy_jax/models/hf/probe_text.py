@@ -36,7 +36,7 @@ def folder_documents(text_dir: str | Path) -> Iterator[str]:
     root = Path(text_dir).expanduser()
     files = sorted(p for p in root.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()) if root.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"probe_set.text_dir={text_dir} holds no {'/'.join(TEXT_SUFFIXES)} files; "
+        raise HFImportError(f"probe_set.text_dir={text_dir} holds no {'/'.join(TEXT_SUFFIXES)} files; "
                                 "point it at a folder of text files")
     for path in files:
         for paragraph in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace")):

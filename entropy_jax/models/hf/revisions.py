@@ -71,7 +71,7 @@ def find_revisions(paths: Iterable[str | Path], step: int | None = None) -> list
     for p in map(Path, paths):
         p = p.expanduser()
         if not p.is_dir():
-            raise FileNotFoundError(f"--hf_dir={p} is not a folder")
+            raise HFImportError(f"--hf_dir={p} is not a folder")
         if (p / "config.json").exists():
             got = [Revision(revision_step(p.name) if step is None else step, p, p.name)]
         elif (p / "snapshots").is_dir():
@@ -92,7 +92,7 @@ def find_revisions(paths: Iterable[str | Path], step: int | None = None) -> list
     if step is not None and len(found) > 1:
         raise HFImportError("--step names the step of a single folder; several revisions were given")
     if not found:
-        raise FileNotFoundError("no --hf_dir given: name revision folders, folders of them, or a Hub cache tree")
+        raise HFImportError("no --hf_dir given: name revision folders, folders of them, or a Hub cache tree")
     return sorted(found, key=lambda r: r.step)
 
 

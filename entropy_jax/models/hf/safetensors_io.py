@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from entropy_jax.errors import UserError
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-class HFImportError(ValueError):
-    """A Hugging Face folder this importer cannot read exactly; the message says what and how to fix it."""
+class HFImportError(UserError, ValueError):
+    """A Hugging Face folder this importer cannot read exactly; the message says what and how to fix it
+    (one line: the entry points print it and exit with status 2)."""
 
 
 def weight_files(folder: Path) -> list[Path]:
