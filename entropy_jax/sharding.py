@@ -22,13 +22,22 @@ DATA_AXIS = "data"
 def initialize_distributed() -> None:
     """Start JAX's multi-process runtime when this process is one of several.
 
-    Launchers (SLURM, TPU pods, ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``) set the
-    environment that ``jax.distributed.initialize()`` reads; on one machine nothing happens.
+    SLURM and TPU pods are detected by ``jax.distributed.initialize()`` itself. Elsewhere set
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` on every process. On CPU the processes' collectives run over gloo (TCP).
+    Alone on one machine nothing happens.
     """
-    launched = any(
-        k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
-    )
-    if launched and not jax.distributed.is_initialized():
+    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
+    launched = explicit or any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"))
+    if not launched or jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit and "JAX_NUM_PROCESSES" in os.environ:
+        jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+    else:
         jax.distributed.initialize()
 
 

@@ -142,11 +142,17 @@ def test_iterator_resumes_exactly_across_epochs(tmp_path):
 
 
 def test_iterator_shards_by_process(tmp_path):
+    """Each process reads its rows of the one global batch: together they are the 1-process batch."""
     corpus = load_corpus(_cfg(tmp_path), 16)
-    parts = [_take(make_train_iterator(corpus, 8, 0, process_index=i, process_count=2), 2) for i in (0, 1)]
+    parts = [_take(make_train_iterator(corpus, 8, 0, process_index=i, process_count=2), 3) for i in (0, 1)]
+    whole = _take(make_train_iterator(corpus, 8, 0), 3)
     assert parts[0][0]["inputs"].shape == (4, 16)
+    for step in range(3):
+        for key in ("inputs", "targets"):
+            np.testing.assert_array_equal(np.concatenate([parts[0][step][key], parts[1][step][key]]),
+                                          whole[step][key])
     seen = [{r.tobytes() for b in p for r in b["inputs"]} for p in parts]
-    assert len(seen[0]) == len(seen[1]) == 8 and not seen[0] & seen[1]
+    assert len(seen[0]) == len(seen[1]) == 12 and not seen[0] & seen[1]
     with pytest.raises(ValueError, match="divisible"):
         make_train_iterator(corpus, 7, 0, process_index=0, process_count=2)
 

@@ -1,7 +1,9 @@
 """The grain input pipeline and the fixed probe set.
 
-``make_train_iterator``: record indices -> this process's slice -> seeded shuffle (reshuffled
-every epoch) -> infinite repeat -> batch of indices -> one batched read -> (inputs, targets).
+``make_train_iterator``: record indices -> seeded shuffle (reshuffled every epoch) -> infinite
+repeat -> global batch of indices -> this process's rows of it -> one batched read -> (inputs,
+targets). Every process walks the same global batches, so a run sees the same data whatever
+the number of processes.
 It is a grain ``DatasetIterator``:
 ``get_state()`` is a small JSON-serialisable dict and ``set_state(state)`` resumes so that the
 following batches are exactly those of an uninterrupted iterator (epoch boundaries included,
@@ -64,19 +66,19 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """Infinite, deterministic, checkpointable iterator of this process's batches.
 
-    ``batch_size`` is global: each of the ``process_count`` processes reads the records
-    ``process_index::process_count`` and yields ``batch_size // process_count`` rows per batch,
-    {"inputs": int32 [b, T], "targets": int32 [b, T]}.
+    ``batch_size`` is global: every process draws the same global batches of record indices and
+    reads only its own ``batch_size // process_count`` consecutive rows of each (process i: rows
+    ``[i b, (i + 1) b)``, the rows its devices hold), {"inputs": int32 [b, T], "targets": int32 [b, T]}.
     """
     count = jax.process_count() if process_count is None else process_count
     index = jax.process_index() if process_index is None else process_index
     if batch_size % count:
         raise ValueError(f"global batch {batch_size} is not divisible by {count} processes")
     local = batch_size // count
-    ds = grain.MapDataset.range(len(corpus.train))[index::count]
-    if len(ds) < local:
-        raise ValueError(f"{len(ds)} training sequences on this process, fewer than a batch of {local}")
-    ds = ds.shuffle(seed=seed % 2**32).repeat(None).batch(local, drop_remainder=True)
+    if len(corpus.train) < batch_size:
+        raise ValueError(f"{len(corpus.train)} training sequences, fewer than a batch of {batch_size}")
+    ds = grain.MapDataset.range(len(corpus.train)).shuffle(seed=seed % 2**32).repeat(None)
+    ds = ds.batch(batch_size, drop_remainder=True).map(lambda idx: idx[index * local:(index + 1) * local])
     ds = ds.map(_ReadBatch(corpus.train, corpus.seq_len))
     return iter(ds.to_iter_dataset(_READ_OPTIONS))
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from entropy_jax.probes.attention import attention_entropy, attention_entropy_bounds, predictive_entropy
 from entropy_jax.sharding import data_sharding
@@ -91,6 +92,14 @@ def _attention(graphdef: nnx.GraphDef, state: tuple, tokens_BxT: jax.Array) -> d
     return _attention_stats(model, inter)
 
 
+def to_host(tree):
+    """Every leaf as a full numpy array on every process (an all-gather where a leaf spans other
+    processes' devices; a plain copy on one process)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _batched(fn, graphdef, state, tokens: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int) -> dict:
     """``fn`` over ``tokens`` in global batches sharded over ``mesh``; per-example host arrays.
 
@@ -103,7 +112,7 @@ def _batched(fn, graphdef, state, tokens: np.ndarray, mesh: jax.sharding.Mesh, b
         chunk = tokens[start:start + batch]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
         out = fn(graphdef, state, jax.device_put(padded, data_sharding(mesh)))
-        pieces.append({k: np.asarray(v)[: len(chunk)] for k, v in jax.device_get(out).items()})
+        pieces.append({k: v[: len(chunk)] for k, v in to_host(out).items()})
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from entropy_jax import data
@@ -129,8 +130,15 @@ class Prober:
         self.report.results_path = self.table.path
 
     def missing(self, stage: str, step: int) -> dict[str, set]:
+        """Rows of checkpoint ``step`` the table lacks, per probe entry. Process 0 decides and every
+        process follows (they run collectives together, so they must agree on what to compute)."""
         present = self.table.present(self.run_id, stage, step)
-        return {n: keys - present for n, keys in self.expected.items() if keys - present}
+        todo = {n: keys - present for n, keys in self.expected.items() if keys - present}
+        if jax.process_count() > 1:
+            names = sorted(self.expected)
+            mask = multihost_utils.broadcast_one_to_all(np.array([n in todo for n in names]))
+            todo = {n: todo.get(n, self.expected[n]) for n, m in zip(names, mask, strict=True) if m}
+        return todo
 
     def probe(self, step: int, meta: dict, params: nnx.State, model_state: nnx.State,
               todo: dict[str, set]) -> int:
