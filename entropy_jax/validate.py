@@ -182,7 +182,7 @@ def check_writable(path: Path, what: str) -> None:
     existing = path
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK if existing.is_dir() else os.W_OK):
         raise UserError(f"{existing} is read-only, but {what} writes there: make it writable or use another "
                         "--workdir")
 

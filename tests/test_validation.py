@@ -158,6 +158,8 @@ def test_plot_request(tmp_path):
         validate.check_plot_request(str(workdir), "last_tokn", None)
     assert validate.check_plot_request(str(workdir), "last_token", 2) == workdir
     assert not (workdir / "plots").exists()
+    Workdir(workdir).phases.write_text("step,phase\n")  # an earlier plot's output is rewritten: no error
+    assert validate.check_plot_request(str(workdir), None, None) == workdir
 
 
 def test_disk_full_is_one_line_and_other_errors_keep_their_traceback(capsys):
