@@ -104,7 +104,7 @@ def test_cli_errors_are_clear(tmp_path, data_dir):
     missing = _cli("experiments/pretrain.py", tmp_path / "b", data_dir, "--config.data.name=text_folder",
                    f"--config.data.text_dir={tmp_path / 'no_such_folder'}")
     _, err = missing.communicate(timeout=300)
-    assert missing.returncode == 1 and "error:" in err and "no_such_folder" in err
+    assert missing.returncode == 2 and "error:" in err and "no_such_folder" in err  # 2: bad input
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
