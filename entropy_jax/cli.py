@@ -30,6 +30,7 @@ from entropy_jax import sweep, train, validate
 from entropy_jax.checkpoint import CheckpointReadError, ConfigMismatchError
 from entropy_jax.errors import UserError, did_you_mean
 from entropy_jax.sharding import initialize_distributed
+from entropy_jax.train.loop import TrainingInterrupted
 from entropy_jax.train.metric_writer import read_metrics
 from entropy_jax.workdir import Workdir
 
@@ -81,6 +82,12 @@ def user_errors() -> Iterator[None]:
             raise
         logging.debug("traceback", exc_info=True)
         fail(describe_environment_error(cause))
+    except TrainingInterrupted as e:  # a clean stop between steps: 130 (SIGINT) / 143 (SIGTERM)
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("stopped: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------------------------------------

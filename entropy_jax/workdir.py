@@ -3,6 +3,7 @@
 ```
 <workdir>/
   run_id                      a stable id written once (lineage metadata and the results table use it)
+  .lock, .lock.holder         while a writer runs: its lock (flock target) and who it is (pid, host, start time)
   checkpoints/<step>/...      Orbax checkpoints (entropy_jax.checkpoint)
   metrics.jsonl               one JSON object per logged training step
   probes/probe_set.npz        the fixed probe sequences and their sha256
@@ -11,16 +12,38 @@
   probes/phases.csv           phase boundaries
   plots/*.png
 ```
+
+One writer per workdir: training, the probe sweep and plotting each hold :meth:`Workdir.lock`
+while they write. Every file is written through a unique temporary name and an atomic rename
+(:func:`atomic_path`), so a reader, or a process killed mid-write, never sees half a file;
+``metrics.jsonl``, the one file appended to, is read tolerating a torn last line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
 import json
 import os
+import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from entropy_jax.errors import UserError
+
+
+class WorkdirBusyError(UserError):
+    """Another process holds the workdir's lock."""
+
+
+# Workdirs whose lock this process holds: root -> [fd, depth]. The training process that runs
+# in-training probes takes the lock once for both (a second flock on a new descriptor of the
+# same file would refuse its own holder).
+_HELD: dict[Path, list[int]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +100,85 @@ class Workdir:
     def run_id_file(self) -> Path:
         return self.root / "run_id"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def lock_holder_file(self) -> Path:
+        return self.root / ".lock.holder"
+
+    @contextlib.contextmanager
+    def lock(self, purpose: str, enabled: bool = True, create: bool = True) -> Iterator[None]:
+        """Hold the workdir's exclusive lock while writing; refuse at once if another process holds it.
+
+        An advisory ``fcntl.flock`` on ``.lock``: the OS releases it when the holder exits or is
+        killed, so no stale lock survives a crash. Who holds it (pid, host, start time, purpose) is
+        written to ``.lock.holder`` for the refusal message. Both files are deleted on release, so a
+        refused or finished writer leaves the workdir as it found it. Re-entrant within a process.
+        ``enabled=False`` (processes other than 0 of a multi-process run, which write nothing) makes
+        it a no-op; ``create=False`` refuses a workdir that does not exist instead of making it.
+
+        Raises:
+          WorkdirBusyError: another process holds the lock (the message names it and what to do).
+          FileNotFoundError: the workdir does not exist and ``create`` is False.
+        """
+        if not enabled:
+            yield
+            return
+        if self.root in _HELD:
+            _HELD[self.root][1] += 1
+            try:
+                yield
+            finally:
+                _HELD[self.root][1] -= 1
+            return
+        fd = self._acquire(purpose, create)
+        _HELD[self.root] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _HELD[self.root]
+            # Deleted while still locked, so never the next holder's files; a process that opened
+            # this .lock before the deletion sees it is gone once it locks, and retries (_acquire).
+            self.lock_holder_file.unlink(missing_ok=True)
+            self.lock_file.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _acquire(self, purpose: str, create: bool) -> int:
+        if not self.root.is_dir():
+            if not create:
+                raise FileNotFoundError(f"workdir {self.root} does not exist")
+            self.root.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise WorkdirBusyError(self._busy_message(purpose)) from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino:
+                    break  # the file we locked is still the workdir's lock file
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # its previous holder deleted it after we opened it: lock the new one
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+                  "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        write_text_atomic(self.lock_holder_file, json.dumps(holder) + "\n")
+        return fd
+
+    def _busy_message(self, purpose: str) -> str:
+        try:
+            h = json.loads(self.lock_holder_file.read_text())
+            who = f"pid {h['pid']} on host {h['host']} ({h['purpose']} since {h['since']})"
+            stop = f"stop it (kill -INT {h['pid']} on {h['host']})"
+        except (OSError, ValueError, KeyError):  # the holder is between locking and writing its name
+            who, stop = "another process", "stop it"
+        return (f"workdir {self.root} is in use by {who}, so {purpose} was refused: wait for it to finish "
+                f"or {stop}, then rerun; or use another --workdir")
+
     def run_id(self, create: bool = False) -> str:
         """The run's stable id: read from ``run_id``; with ``create``, written once if absent.
 
@@ -91,12 +193,23 @@ class Workdir:
         return run_id
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A unique temporary path beside ``path`` to write to; renamed onto ``path`` when the block
+    succeeds, deleted when it fails. Readers see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a unique temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -109,5 +222,5 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:  # a write interrupted mid-line: the row was never complete
                 break
-            raise ValueError(f"{path}, line {i + 1}, is not valid JSON ({e}); fix or delete that line") from e
+            raise UserError(f"{path}, line {i + 1}, is not valid JSON ({e}); fix or delete that line") from e
     return rows

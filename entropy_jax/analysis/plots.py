@@ -22,6 +22,8 @@ from matplotlib.patches import Patch
 from entropy_jax.analysis import phases as ph
 from entropy_jax.analysis import results as res
 from entropy_jax.probes.spectra import numerical_rank
+from entropy_jax.sharding import is_writer
+from entropy_jax.workdir import Workdir
 
 PHASE_COLOURS = {
     ph.WARMUP: "tab:orange", ph.ENTROPY_SEEKING: "tab:green", ph.COMPRESSION_SEEKING: "tab:purple",
@@ -254,10 +256,16 @@ def plot_spectra(spectra: dict[int, dict[str, np.ndarray]], path: str | Path, *,
 
 def plot_all(workdir: str | Path, *, probe: str | None = None, layer: int | None = None) -> list[Path]:
     """Draw every figure whose inputs exist into ``workdir/plots/``; log and skip the others.
+    Holds the workdir's lock while drawing.
 
-    Raises FileNotFoundError if the results table itself is missing.
+    Raises FileNotFoundError if the results table itself is missing, WorkdirBusyError if another
+    process (training, a sweep) holds the workdir.
     """
-    workdir = Path(workdir)
+    with Workdir(workdir).lock("plotting", enabled=is_writer(), create=False):
+        return _plot_all(Path(workdir), probe, layer)
+
+
+def _plot_all(workdir: Path, probe: str | None, layer: int | None) -> list[Path]:
     out = workdir / "plots"
     results = res.load_results(workdir)
     train_metrics = res.load_optional(res.load_train_metrics, workdir, "the loss curve")

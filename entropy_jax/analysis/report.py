@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from entropy_jax.analysis import phases, plots, results
+from entropy_jax.sharding import is_writer
+from entropy_jax.workdir import Workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +26,12 @@ class Report:
 def analyse(workdir: str | Path, *, probe: str | None = None, layer: int | None = None) -> Report:
     """Detect phases (written to ``probes/phases.csv``) and draw all plots into ``plots/``.
 
-    Raises FileNotFoundError when the workdir has no results table yet.
+    Raises FileNotFoundError when the workdir has no results table yet, WorkdirBusyError when another
+    process (training, a sweep) holds the workdir: the analysis writes under its lock.
     """
-    table = results.load_results(workdir)
-    train_metrics = results.load_optional(results.load_train_metrics, workdir, "warmup inference")
-    phase_table = phases.detect_phases(table, train_metrics=train_metrics)
-    return Report(phase_table, phases.write_phases(phase_table, workdir),
-                  plots.plot_all(workdir, probe=probe, layer=layer))
+    with Workdir(workdir).lock("the analysis", enabled=is_writer(), create=False):
+        table = results.load_results(workdir)
+        train_metrics = results.load_optional(results.load_train_metrics, workdir, "warmup inference")
+        phase_table = phases.detect_phases(table, train_metrics=train_metrics)
+        return Report(phase_table, phases.write_phases(phase_table, workdir),
+                      plots.plot_all(workdir, probe=probe, layer=layer))

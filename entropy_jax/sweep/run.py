@@ -5,9 +5,11 @@ see :mod:`entropy_jax.sweep.evaluators` for the types and their rows). The probe
 fixed per lineage: a run started from another run's checkpoint is probed on its root's sequences.
 
 Resumable: a checkpoint is computed only if some of its expected rows are missing, and only
-missing rows are appended. A checkpoint that cannot be read is reported and skipped. The same
-:class:`Prober` runs inside training (:func:`training_hook`), so rows written there are found
-present here.
+missing rows are appended. Rows whose ``ckpt_hash`` no longer matches the checkpoint (the workdir
+was retrained) are recomputed, with a warning. A checkpoint that cannot be read is reported and
+skipped. The same :class:`Prober` runs inside training (:func:`training_hook`), so rows written
+there are found present here. The sweep holds the workdir's lock (one writer at a time); the
+training process holds it for its hook.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from entropy_jax import data
-from entropy_jax.checkpoint import CheckpointReadError, Checkpoints
+from entropy_jax.checkpoint import CheckpointReadError, Checkpoints, content_hash
+from entropy_jax.errors import UserError
 from entropy_jax.models import ModelConfig, abstract_model, hf
 from entropy_jax.sharding import is_writer, make_mesh
 from entropy_jax.sweep.evaluators import Context, Evaluator, make_evaluators, model_info
 from entropy_jax.sweep.forward import probe_forward
 from entropy_jax.sweep.table import ResultsTable
-from entropy_jax.workdir import Workdir
+from entropy_jax.workdir import Workdir, atomic_path
 
 
 @dataclasses.dataclass
@@ -41,15 +44,18 @@ class SweepReport:
     rows_added: int = 0
     probed_steps: list[int] = dataclasses.field(default_factory=list)
     skipped: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (step, reason)
+    recomputed: list[int] = dataclasses.field(default_factory=list)  # steps whose rows were stale
     results_path: Path | None = None
 
 
+class ProbeSetError(UserError):
+    """The probe set on disk, the corpus and the results table disagree (or one is damaged)."""
+
+
 def params_hash(params: Any) -> str:
-    """sha256 (first 16 hex digits) of the parameter bytes: identifies a checkpoint's content."""
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(params)):
-        h.update(np.ascontiguousarray(leaf).tobytes())
-    return h.hexdigest()[:16]
+    """The results table's ``ckpt_hash``: the first 16 hex digits of :func:`content_hash` of the
+    parameters (the checksum a checkpoint saves with them)."""
+    return content_hash(params)[:16]
 
 
 def probe_source(meta: dict) -> dict:
@@ -60,36 +66,61 @@ def probe_source(meta: dict) -> dict:
     return {"data": cfg["data"], "seq_len": cfg["train"]["seq_len"], "probe_set": cfg["probe_set"]}
 
 
-def fixed_probe_set(workdir: Workdir, source: dict) -> np.ndarray:
-    """The run's fixed probe tokens, saved once with their hash; later sweeps must match it."""
+def _saved_probe_set_digest(path: Path) -> str:
+    """The sha256 recorded in ``probe_set.npz``, checked against its tokens; ProbeSetError if damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            tokens, digest = np.asarray(saved["tokens"]), str(saved["sha256"])
+    except Exception as e:  # truncated (BadZipFile), garbled (not a zip), missing arrays...
+        raise ProbeSetError(f"the probe set {path} is damaged ({type(e).__name__}: {e}); delete it: the next "
+                            "sweep rebuilds it from the corpus and checks it against the results table") from e
+    if hashlib.sha256(tokens.astype("<i4").tobytes()).hexdigest() != digest:
+        raise ProbeSetError(f"the probe set {path} is damaged (its tokens do not match its sha256); delete it: "
+                            "the next sweep rebuilds it from the corpus and checks it against the results table")
+    return digest
+
+
+def _write_npz(path: Path, arrays: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.savez(f, **arrays)
+
+
+def fixed_probe_set(workdir: Workdir, source: dict, table: ResultsTable | None = None) -> tuple[np.ndarray, str]:
+    """The run's fixed probe tokens and their sha256, saved once; later sweeps must match the saved
+    file and the probe set the results ``table`` records (so two probe sets never share a table)."""
     if source.get("kind") == hf.probe_text.KIND:  # an imported model: its own tokenizer over text
         tokens, digest = hf.probe_tokens(source)
     else:
         corpus = data.load_corpus(ml_collections.ConfigDict(source["data"]), source["seq_len"])
         tokens, digest = data.probe_set(corpus, source["probe_set"]["num_sequences"])
-    path = workdir.probe_set
-    if path.exists():
-        saved = np.load(path)
-        if str(saved["sha256"]) != digest:
-            raise ValueError(f"the probe set in {path} (sha256 {saved['sha256']}) differs from the one the "
-                             f"run's data config gives now ({digest}); the corpus changed: use a new workdir")
-    elif is_writer():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, tokens=tokens, sha256=digest)
-        tmp.replace(path)
-    return tokens
+    path, results = workdir.probe_set, workdir.results
+    if path.exists() and (saved := _saved_probe_set_digest(path)) != digest:
+        raise ProbeSetError(f"the probe set in {path} (sha256 {saved[:12]}...) differs from the one the run's "
+                            f"data config gives now ({digest[:12]}...); the corpus changed: use a new workdir")
+    recorded = table.probe_set_sha256 if table is not None else None
+    if recorded is not None and recorded != digest:
+        raise ProbeSetError(f"the rows in {results} were computed on probe set sha256 {recorded[:12]}..., but the "
+                            f"run's corpus now gives {digest[:12]}... (the corpus changed): use a new workdir, or "
+                            f"delete {results} to recompute every row on the new probe set")
+    if recorded is None and table is not None and not table.frame.empty and not path.exists():
+        raise ProbeSetError(f"{results} holds rows, but the probe set they were computed on ({path}) is gone and "
+                            f"the table does not record it: restore {path}, or delete {results} to recompute")
+    if not path.exists() and is_writer():
+        _write_npz(path, {"tokens": tokens, "sha256": digest})
+    return tokens, digest
 
 
-def _save_spectra(path: Path, spectra: dict[str, np.ndarray]) -> None:
+def _save_spectra(path: Path, spectra: dict[str, np.ndarray], replace: bool = False) -> None:
+    """Merge ``spectra`` into ``path`` (``replace``: drop what it held, e.g. another model's)."""
     if not spectra or not is_writer():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        spectra = {**dict(np.load(path)), **spectra}
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **spectra)
-    tmp.replace(path)
+    if path.exists() and not replace:
+        try:
+            with np.load(path, allow_pickle=False) as old:
+                spectra = {**{k: old[k] for k in old.files}, **spectra}
+        except Exception as e:  # a damaged file holds nothing worth keeping: the rows are in the table
+            logging.warning("replacing the damaged spectra file %s (%s: %s)", path, type(e).__name__, e)
+    _write_npz(path, spectra)
 
 
 def duplicate_rows(frame: Any, base: dict) -> list[dict]:
@@ -122,16 +153,26 @@ class Prober:
         self.expected = {n: e.expected_keys() for n, e in self.evaluators.items()}
         self.attention_examples = max((e.num_examples for e in self.evaluators.values() if e.needs_attention),
                                       default=0)
-        source = probe_source(meta)
-        self.tokens = fixed_probe_set(self.workdir, {**source, "probe_set": {**source["probe_set"], **probe_set}})
-        self.batch_size = int(probe_set["batch_size"])
-        self.run_id = meta.get("run_id") or self.workdir.run_id()
         self.table, self.report = ResultsTable(self.workdir.root), SweepReport(results_path=None)
         self.report.results_path = self.table.path
+        source = probe_source(meta)
+        self.tokens, self.probe_set_sha256 = fixed_probe_set(
+            self.workdir, {**source, "probe_set": {**source["probe_set"], **probe_set}}, self.table)
+        self.batch_size = int(probe_set["batch_size"])
+        self.run_id = meta.get("run_id") or self.workdir.run_id()
+        self._stale_steps: set[int] = set()  # their spectra files are replaced, not merged
 
-    def missing(self, stage: str, step: int) -> dict[str, set]:
+    def missing(self, stage: str, step: int, ckpt_hash: str | None = None) -> dict[str, set]:
         """Rows of checkpoint ``step`` the table lacks, per probe entry. Process 0 decides and every
-        process follows (they run collectives together, so they must agree on what to compute)."""
+        process follows (they run collectives together, so they must agree on what to compute).
+        Given the checkpoint's ``ckpt_hash``, rows computed from other parameters count as missing."""
+        stale = self.table.drop_stale(self.run_id, stage, step, ckpt_hash) if ckpt_hash else set()
+        if stale:
+            logging.warning("step %d: the table's rows were computed from other parameters (ckpt_hash %s, the "
+                            "checkpoint's is %s; the workdir was retrained): recomputing them",
+                            step, ", ".join(sorted(stale)), ckpt_hash)
+            self.report.recomputed.append(step)
+            self._stale_steps.add(step)
         present = self.table.present(self.run_id, stage, step)
         todo = {n: keys - present for n, keys in self.expected.items() if keys - present}
         if jax.process_count() > 1:
@@ -140,14 +181,26 @@ class Prober:
             todo = {n: todo.get(n, self.expected[n]) for n, m in zip(names, mask, strict=True) if m}
         return todo
 
+    def forget_other_steps(self, steps: list[int]) -> None:
+        """After a retrain (stale rows found), rows at steps without a checkpoint come from the
+        earlier training too: delete them and their spectra."""
+        if not self.report.recomputed or not is_writer():
+            return
+        gone = self.table.drop_steps_except(self.run_id, set(steps))
+        for step in gone:
+            self.workdir.spectra_file(step).unlink(missing_ok=True)
+        if gone:
+            logging.warning("deleted the rows of steps %s: the workdir was retrained and holds no checkpoint "
+                            "of them", gone)
+
     def probe(self, step: int, meta: dict, params: nnx.State, model_state: nnx.State,
-              todo: dict[str, set]) -> int:
+              todo: dict[str, set], ckpt_hash: str | None = None) -> int:
         """Compute the ``todo`` rows of one checkpoint and append them; returns the rows added."""
         attention = self.attention_examples if any(self.evaluators[n].needs_attention for n in todo) else 0
         out = probe_forward(self.graphdef, params, model_state, self.tokens, self.mesh, self.batch_size, attention)
         ctx = Context(forward=out, params=params, mesh=self.mesh, spectra={})
         base = {"run": self.run_id, "stage": meta["stage"], "step": step, "tokens_seen": meta["tokens_seen"],
-                "ckpt_hash": params_hash(params)}
+                "ckpt_hash": ckpt_hash or params_hash(params)}
         rows = []
         for name, missing in todo.items():
             for key, value, note in self.evaluators[name].run(ctx):
@@ -155,8 +208,8 @@ class Prober:
                     rows.append({**base, "probe": key[0], "layer": key[1], "head": key[2], "metric": key[3],
                                  "value": value, "note": note})
         rows += duplicate_rows(self.table.frame, base)
-        _save_spectra(self.workdir.spectra_file(step), ctx.spectra)
-        added = self.table.append(rows) if is_writer() else 0
+        _save_spectra(self.workdir.spectra_file(step), ctx.spectra, replace=step in self._stale_steps)
+        added = self.table.append(rows, self.probe_set_sha256) if is_writer() else 0
         self.report.rows_added += added
         self.report.probed_steps.append(step)
         logging.info("probed step %d (%d tokens): %d rows -> %s", step, meta["tokens_seen"], added, self.table.path)
@@ -166,8 +219,17 @@ class Prober:
 def sweep(workdir: str | Path, probe_config: ml_collections.ConfigDict | None = None,
           mesh: jax.sharding.Mesh | None = None) -> SweepReport:
     """Probe all checkpoints in ``workdir``; ``probe_config`` (``probe_set`` + ``probes``) defaults
-    to the run's own config saved in its latest checkpoint."""
+    to the run's own config saved in its latest checkpoint.
+
+    Raises WorkdirBusyError when another process holds the workdir (training, another sweep)."""
     wd = Workdir(workdir)
+    if not wd.checkpoints.is_dir():
+        raise FileNotFoundError(f"no checkpoints in {wd.checkpoints}: train first (experiments/pretrain.py)")
+    with wd.lock("the probe sweep", enabled=is_writer(), create=False):
+        return _sweep(wd, probe_config, mesh)
+
+
+def _sweep(wd: Workdir, probe_config: ml_collections.ConfigDict | None, mesh: jax.sharding.Mesh | None) -> SweepReport:
     ckpts = Checkpoints(wd.root, read_only=True)
     try:
         steps = ckpts.all_steps()
@@ -181,7 +243,8 @@ def sweep(workdir: str | Path, probe_config: ml_collections.ConfigDict | None = 
         for step in tqdm(steps, desc="checkpoints", unit="ckpt", disable=not sys.stderr.isatty()):
             try:
                 step_meta = ckpts.read_meta(step)
-                todo = prober.missing(step_meta["stage"], step)
+                saved_hash = ckpts.read_checksums(step).get("params")  # None: saved before checksums
+                todo = prober.missing(step_meta["stage"], step, saved_hash and saved_hash[:16])
                 if todo:
                     r = ckpts.restore(step, arrays={"params": prober.params_target,
                                                     "model_state": prober.model_state_target})
@@ -189,6 +252,7 @@ def sweep(workdir: str | Path, probe_config: ml_collections.ConfigDict | None = 
             except CheckpointReadError as e:
                 logging.error("skipping step %d: %s", step, e)
                 prober.report.skipped.append((step, str(e)))
+        prober.forget_other_steps(steps)
     finally:
         ckpts.close()
     return prober.report
@@ -207,8 +271,9 @@ def training_hook(cfg: ml_collections.ConfigDict, workdir: str | Path):
             state["prober"] = Prober(workdir, meta, cfg.probes.to_dict(), cfg.probe_set.to_dict(), make_mesh(),
                                      in_training=True)
         prober = state["prober"]
-        todo = prober.missing(meta["stage"], step)
+        ckpt_hash = params_hash(train_state.params)
+        todo = prober.missing(meta["stage"], step, ckpt_hash)
         if todo:
-            prober.probe(step, meta, train_state.params, train_state.model_state, todo)
+            prober.probe(step, meta, train_state.params, train_state.model_state, todo, ckpt_hash)
 
     return hook

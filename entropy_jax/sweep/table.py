@@ -5,19 +5,19 @@ Stored as ``workdir/probes/results.parquet`` (``results.csv`` where pyarrow is a
 copied workdir keeps its rows; ``layer`` and ``head`` are -1 where they do not apply; ``note``
 says why a value is NaN or a limit (e.g. a collapsed representation), and is empty otherwise.
 Every append rewrites the file through a unique temporary file and an atomic rename, so a
-sweep killed at any moment leaves the previous complete table, never a truncated one.
+sweep killed at any moment leaves the previous complete table, never a truncated one. The
+Parquet file also records the sha256 of the probe set its rows were computed on
+(``attrs["probe_set_sha256"]``), so rows of two probe sets are never mixed.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from entropy_jax.workdir import Workdir
+from entropy_jax.workdir import Workdir, atomic_path
 
 RESULTS_COLUMNS: tuple[str, ...] = (
     "run", "stage", "step", "tokens_seen", "ckpt_hash", "probe", "layer", "head", "metric", "value", "note",
@@ -69,7 +69,8 @@ def load_results(workdir: str | Path) -> pd.DataFrame:
 
 
 class ResultsTable:
-    """The writer: knows which keys are present and appends only new rows."""
+    """The writer: knows which keys are present and appends only new rows (one writer at a time:
+    the caller holds the workdir's lock)."""
 
     def __init__(self, workdir: str | Path):
         wd = Workdir(workdir)
@@ -80,23 +81,64 @@ class ResultsTable:
             self.frame = pd.DataFrame({c: pd.Series(dtype=object) for c in RESULTS_COLUMNS})
         self._keys = {tuple(r) for r in self.frame[list(KEY_COLUMNS)].itertuples(index=False)}
 
+    @property
+    def probe_set_sha256(self) -> str | None:
+        """The probe set the stored rows were computed on (None: no rows, or a CSV / older table)."""
+        return self.frame.attrs.get("probe_set_sha256")
+
     def present(self, run: str, stage: str, step: int) -> set[RowKey]:
         """Row keys (probe, layer, head, metric) already stored for one checkpoint."""
         return {k[3:] for k in self._keys if k[:3] == (run, stage, step)}
 
-    def append(self, rows: list[dict]) -> int:
-        """Add rows whose key is not yet present; write atomically. Returns the number added."""
+    def drop_stale(self, run: str, stage: str, step: int, ckpt_hash: str) -> set[str]:
+        """Forget (in memory; the next append writes it) the rows of one checkpoint computed from other
+        parameters than ``ckpt_hash``: the workdir was retrained. Returns the stale hashes found."""
+        if self.frame.empty:
+            return set()
+        mine = (self.frame["run"] == run) & (self.frame["stage"] == stage) & (self.frame["step"] == step)
+        stale = mine & (self.frame["ckpt_hash"].astype(str) != ckpt_hash)
+        if not stale.any():
+            return set()
+        hashes = set(self.frame.loc[stale, "ckpt_hash"].astype(str))
+        self._keep(~stale)
+        return hashes
+
+    def drop_steps_except(self, run: str, steps: set[int]) -> list[int]:
+        """Delete the rows of ``run`` at steps outside ``steps`` and write the table; returns those steps."""
+        if self.frame.empty:
+            return []
+        gone = (self.frame["run"] == run) & ~self.frame["step"].isin(list(steps))
+        if not gone.any():
+            return []
+        dropped = sorted(int(s) for s in self.frame.loc[gone, "step"].unique())
+        self._keep(~gone)
+        self._write()
+        return dropped
+
+    def _keep(self, mask: pd.Series) -> None:
+        attrs = dict(self.frame.attrs)
+        self.frame = self.frame.loc[mask].reset_index(drop=True)
+        self.frame.attrs.update(attrs)
+        self._keys = {tuple(r) for r in self.frame[list(KEY_COLUMNS)].itertuples(index=False)}
+
+    def append(self, rows: list[dict], probe_set_sha256: str | None = None) -> int:
+        """Add rows whose key is not yet present; write atomically. Returns the number added.
+
+        ``probe_set_sha256`` is recorded with the table (Parquet only)."""
         new = [{**_OPTIONAL, **r} for r in rows if tuple(r[c] for c in KEY_COLUMNS) not in self._keys]
         if not new:
             return 0
         frame = pd.DataFrame(new, columns=list(RESULTS_COLUMNS))
+        attrs = {**self.frame.attrs, **({"probe_set_sha256": probe_set_sha256} if probe_set_sha256 else {})}
         self.frame = frame if self.frame.empty else pd.concat([self.frame, frame], ignore_index=True)
+        self.frame.attrs = attrs
         self._keys.update(tuple(r[c] for c in KEY_COLUMNS) for r in new)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
-        if self.path.suffix == ".parquet":
-            self.frame.to_parquet(tmp, index=False)
-        else:
-            self.frame.to_csv(tmp, index=False)
-        tmp.replace(self.path)
+        self._write()
         return len(new)
+
+    def _write(self) -> None:
+        with atomic_path(self.path) as tmp:
+            if self.path.suffix == ".parquet":
+                self.frame.to_parquet(tmp, index=False)
+            else:
+                self.frame.to_csv(tmp, index=False)

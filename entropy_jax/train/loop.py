@@ -8,6 +8,12 @@
    checkpoint): its parameters and model state, a fresh optimiser, step 0, and the parent
    recorded in every checkpoint's metadata (tokens seen continue from the parent's);
 3. else a fresh initialisation from ``config.seed``.
+
+A resume is refused when the config's resume keys or the corpus fingerprint differ from the
+saved ones. The process holds the workdir's lock throughout (a second writer is refused), and
+SIGINT/SIGTERM stop it cleanly between steps: the pending checkpoint save completes, and
+:class:`TrainingInterrupted` carries exit status 130/143; rerunning resumes exactly. A second
+signal exits at once (saves are atomic, so that loses nothing but the pending step).
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ import collections
 import dataclasses
 import logging
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +36,16 @@ import ml_collections
 from tqdm import tqdm
 
 from entropy_jax import data
-from entropy_jax.checkpoint import Checkpoints, ConfigMismatchError, config_differences, is_save_step
+from entropy_jax.checkpoint import (
+    Checkpoints,
+    ConfigMismatchError,
+    config_differences,
+    corpus_differences,
+    corpus_fingerprint,
+    is_save_step,
+)
 from entropy_jax.models import ModelConfig, abstract_like, abstract_model, init_model, model_config
-from entropy_jax.sharding import make_mesh, replicated, shard_batch
+from entropy_jax.sharding import is_writer, make_mesh, replicated, shard_batch
 from entropy_jax.train.losses import make_loss
 from entropy_jax.train.metric_writer import MetricWriter, read_metrics
 from entropy_jax.train.optim import make_optimizer, make_schedule
@@ -48,6 +64,48 @@ class TrainResult:
     entropy_rate: float | None
     checkpoint_steps: list[int]
     resumed_from: int | None
+
+
+class TrainingInterrupted(BaseException):
+    """Training stopped on SIGINT or SIGTERM between steps; rerunning the command resumes exactly.
+
+    A BaseException, like KeyboardInterrupt, so no ``except Exception`` swallows it.
+    ``exit_code`` is the shell's convention, 128 + the signal number (130, 143).
+    """
+
+    def __init__(self, signum: int, step: int, saved: int | None, directory: Path):
+        self.signum, self.step, self.exit_code = signum, step, 128 + signum
+        where = f"the latest checkpoint is step {saved}" if saved is not None else "no checkpoint was saved"
+        super().__init__(f"training stopped by {signal.Signals(signum).name} after step {step}; {where} in "
+                         f"{directory}: rerun the same command to resume exactly")
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set ``signum``, checked between steps; a second signal exits at once.
+
+    Handlers only set a flag, so a signal never lands inside an Orbax save (which can then hang
+    on its barrier). Outside the main thread nothing is installed.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> _StopSignals:
+        self.signum: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            os.write(2, b"second signal: exiting now (the last complete checkpoint is kept)\n")
+            os._exit(128 + signum)
+        self.signum = signum
+        os.write(2, f"{signal.Signals(signum).name}: stopping after this step (again to exit now)\n".encode())
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +170,7 @@ class _Run:
             "config": self.cfg.to_dict(),
             "model_config": dataclasses.asdict(self.mcfg),
             "corpus": self.corpus.info,
+            "corpus_fingerprint": corpus_fingerprint(self.corpus.info),
             "entropy_rate": self.corpus.entropy_rate,
         }
 
@@ -126,14 +185,33 @@ class _Run:
     def replicated(self, tree: Any) -> Any:
         return jax.device_put(tree, replicated(self.mesh))
 
-    def resume(self, step: int) -> tuple[TrainState, Lineage]:
-        saved = self.ckpts.read_meta(step)
+    def check_resumable(self, step: int, saved: dict) -> None:
+        """Refuse a resume whose config or corpus differs from the checkpoint's, naming the differences."""
         diffs = config_differences(saved["config"], self.cfg.to_dict())
+        if "corpus" in saved or "corpus_fingerprint" in saved:
+            saved_corpus = saved.get("corpus_fingerprint") or corpus_fingerprint(saved["corpus"])
+            diffs += corpus_differences(saved_corpus, corpus_fingerprint(self.corpus.info))
         if diffs:
             raise ConfigMismatchError(
-                f"{self.ckpts.directory} holds checkpoints (latest step {step}) of a different config: "
-                + "; ".join(diffs) + ". Use a new --workdir, or rerun with the saved config to resume."
+                f"{self.ckpts.directory} holds checkpoints (latest step {step}) of a different config or "
+                "corpus: " + "; ".join(diffs) + ". Use a new --workdir, or rerun with the saved config and "
+                "corpus to resume."
             )
+
+    def keep_earlier_checkpoints(self, saved: dict) -> None:
+        """Checkpoints saved under another retention (e.g. keep-all) are never pruned by this one."""
+        keep = self.cfg.checkpoint.max_to_keep
+        saved_keep = saved["config"].get("checkpoint", {}).get("max_to_keep", 0)
+        if keep and saved_keep != keep:
+            steps = self.ckpts.all_steps()
+            self.ckpts.protect(steps)
+            logging.info("keeping the %d checkpoints saved with checkpoint.max_to_keep=%s; "
+                         "max_to_keep=%d applies to new ones only", len(steps), saved_keep, keep)
+
+    def resume(self, step: int) -> tuple[TrainState, Lineage]:
+        saved = self.ckpts.read_meta(step)
+        self.check_resumable(step, saved)
+        self.keep_earlier_checkpoints(saved)
         opt_target = abstract_like(jax.eval_shape(self.tx.init, self.params_target), replicated(self.mesh))
         rng_target = {"key": jax.ShapeDtypeStruct((2,), jax.numpy.uint32, sharding=replicated(self.mesh))}
         r = self.ckpts.restore(step, arrays={"params": self.params_target, "model_state": self.model_state_target,
@@ -194,8 +272,19 @@ def check_same_model(saved: dict, mcfg: ModelConfig, where: Path, step: int) -> 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
           on_probe_step: ProbeHook | None = None) -> TrainResult:
-    """Train ``cfg`` into ``workdir`` (resume, else init from a parent, else scratch); see the module doc."""
+    """Train ``cfg`` into ``workdir`` (resume, else init from a parent, else scratch); see the module doc.
+
+    Raises:
+      WorkdirBusyError: another process holds the workdir's lock.
+      TrainingInterrupted: SIGINT or SIGTERM arrived; the run stopped cleanly between steps.
+    """
     wd = Workdir(workdir)
+    with wd.lock("training", enabled=is_writer()), _StopSignals() as stop:
+        return _train(cfg, wd, on_probe_step, stop)
+
+
+def _train(cfg: ml_collections.ConfigDict, wd: Workdir, on_probe_step: ProbeHook | None,
+           stop: _StopSignals) -> TrainResult:
     run = _Run(cfg, wd)
     try:
         start = run.ckpts.latest_step()
@@ -211,11 +300,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
                 on_probe_step(0, state, meta)
         writer = MetricWriter(wd.metrics, resume_step=start or 0, tensorboard=cfg.train.tensorboard)
         try:
-            last_loss = _loop(run, state, lineage, writer, start or 0, on_probe_step)
+            last = _loop(run, state, lineage, writer, start or 0, on_probe_step, stop)
         finally:
             writer.close()
     finally:
-        run.ckpts.close()
+        run.ckpts.close()  # waits for the pending save: an interrupted run keeps its last checkpoint
+    if stop.signum is not None:
+        raise TrainingInterrupted(stop.signum, last["step"], run.ckpts.latest_step(), run.ckpts.directory)
+    last_loss = last["loss"]
     if last_loss is None and wd.metrics.exists():  # nothing left to train: report the log
         rows = read_metrics(wd.metrics)
         last_loss = rows[-1]["loss"] if rows else None
@@ -228,12 +320,13 @@ def _probe_step(step: int, saved: bool, probe_every: int) -> bool:
 
 
 def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, start: int,
-          on_probe_step: ProbeHook | None) -> float | None:
-    """Steps ``start+1 .. train.steps``. Step t is dispatched before step t-1's metrics are pulled."""
+          on_probe_step: ProbeHook | None, stop: _StopSignals) -> dict[str, Any]:
+    """Steps ``start+1 .. train.steps``, or until a stop signal. Step t is dispatched before step
+    t-1's metrics are pulled. Returns the last step done, its loss and the last saved step."""
     cfg = run.cfg
     total, ck = cfg.train.steps, cfg.checkpoint
     train_step = make_train_step(run.graphdef, run.tx, run.schedule, make_loss(cfg.train.loss.to_dict()))
-    progress, pending, last = _Progress(start, total), None, {"loss": None, "saved": start}
+    progress, pending, last = _Progress(start, total), None, {"loss": None, "saved": start, "step": start}
     window = collections.deque([(start, time.perf_counter())], maxlen=21)  # rate over the last 20 steps
     entropy_rate = run.corpus.entropy_rate
 
@@ -257,8 +350,11 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
 
     try:
         for step in range(start + 1, total + 1):
+            if stop.signum is not None:
+                break
             batch = shard_batch(next(run.iterator), run.mesh)
             state, metrics = train_step(state, batch)
+            last["step"] = step
             if pending is not None:
                 pull(*pending)
             pending = (step, metrics)
@@ -274,4 +370,4 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
             pull(*pending)
     finally:
         progress.close()
-    return last["loss"]
+    return last
