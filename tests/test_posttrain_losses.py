@@ -4,9 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from entropy_jax.data.tasks import TaskParams, generate, sequences
+from entropy_jax.models import build_model, model_config
+from entropy_jax.train.grpo import group_advantages, grpo_objective
 from entropy_jax.train.losses import dpo, dpo_objective, make_loss, sequence_logprob, weighted_cross_entropy
+from entropy_jax.train.sampling import sample, sample_recompute
 
 V = 64
 
@@ -66,3 +70,40 @@ def test_dpo_without_a_reference_is_refused_in_one_line():
         make_loss({"name": "dpo", "beta": 0.1, "reference_workdir": ""})
     with pytest.raises(ValueError, match="beta > 0"):
         dpo(beta=0.0, reference_workdir="x")
+
+
+def test_group_advantage_of_equal_rewards_is_zero_and_normalised_otherwise():
+    rewards = jnp.array([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0]])
+    adv = np.asarray(group_advantages(rewards, eps=1e-6))
+    assert (adv[:2] == 0).all()
+    np.testing.assert_allclose(adv[2], np.array([0.5, -0.5, -0.5, 0.5]) / (0.5 + 1e-6), rtol=1e-6)
+
+
+def test_grpo_objective_equals_float64():
+    rng = np.random.default_rng(3)
+    logp, old, ref = (rng.normal(-2, 0.3, (6, 3)) for _ in range(3))
+    adv = rng.normal(size=6)
+    clip_eps, kl_coef = 0.2, 0.05
+    ratio = np.exp(logp - old)
+    surrogate = np.minimum(ratio * adv[:, None], np.clip(ratio, 1 - clip_eps, 1 + clip_eps) * adv[:, None])
+    k3 = np.exp(ref - logp) - (ref - logp) - 1
+    loss, aux = grpo_objective(*(jnp.asarray(x, jnp.float32) for x in (logp, old, ref, adv)), clip_eps, kl_coef)
+    np.testing.assert_allclose(loss, (-surrogate + kl_coef * k3).mean(), rtol=1e-5)
+    np.testing.assert_allclose(aux["kl"], k3.mean(), rtol=1e-4)
+    assert float(aux["clip_fraction"]) == pytest.approx((np.abs(ratio - 1) > clip_eps).mean())
+    same, aux0 = grpo_objective(*(jnp.asarray(x, jnp.float32) for x in (logp, logp, logp, adv)), clip_eps, kl_coef)
+    np.testing.assert_allclose(same, -adv.mean(), rtol=1e-5)  # rho = 1, no KL: minus the mean advantage
+    assert float(aux0["kl"]) == 0.0
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_kv_cache_sampling_equals_full_recompute(positions):
+    model = build_model(model_config(dict(d_model=16, num_layers=2, num_heads=2, positions=positions), V, 16), 0)
+    prompts = jax.random.randint(jax.random.PRNGKey(1), (8, 6), 0, V)
+    graphdef, state = nnx.split(model)
+    cached = jax.jit(lambda s, p, k, t: sample(nnx.merge(graphdef, s), p, 5, k, t), static_argnums=3)
+    for temperature in (0.0, 1.0):
+        key = jax.random.PRNGKey(2)
+        fast = cached(state, prompts, key, temperature)
+        np.testing.assert_array_equal(fast, sample_recompute(model, prompts, 5, key, temperature))
+    assert len(np.unique(np.asarray(fast))) > 5  # sampled, not one repeated token

@@ -2,20 +2,26 @@
 exact resume after SIGKILL, and the one-line errors."""
 
 import importlib.util
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import REPO, kill_when_exists
 from flax import nnx
 
 from entropy_jax import train
+from entropy_jax.analysis.lifecycle import analyse_lineage, lineage_results, lineage_workdirs
 from entropy_jax.checkpoint import Checkpoints
 from entropy_jax.errors import UserError
 from entropy_jax.models import abstract_model, model_config
 from entropy_jax.sharding import make_mesh
+from entropy_jax.sweep import sweep
 from entropy_jax.train.metric_writer import read_metrics
 from entropy_jax.train.reference import init_checkpoint, prepare_stage
 from entropy_jax.workdir import Workdir
@@ -69,12 +75,13 @@ def assert_trees_equal(a, b):
 
 @pytest.fixture(scope="module")
 def chain(tiny_run, tmp_path_factory, data_dir):
-    """The test-preset pretraining run, then SFT from its last checkpoint, then DPO from SFT's."""
-    _, pre, _ = tiny_run
+    """The test-preset pretraining run, then SFT from its last checkpoint, DPO from SFT's, RLVR from DPO's."""
     root = tmp_path_factory.mktemp("lifecycle")
+    pre = root / "pretrain"
+    shutil.copytree(tiny_run[1], pre)  # the shared run stays read-only: this lineage gets probed
     workdirs = {"pretrain": pre}
     configs = {}
-    for stage, parent in (("sft", pre), ("dpo", root / "sft")):
+    for stage, parent in (("sft", pre), ("dpo", root / "sft"), ("rlvr", root / "dpo")):
         configs[stage], _ = run_stage(stage, data_dir, parent, root / stage)
         workdirs[stage] = root / stage
     return workdirs, configs
@@ -82,7 +89,7 @@ def chain(tiny_run, tmp_path_factory, data_dir):
 
 def test_sft_lowers_the_answer_loss_with_lineage(chain, tiny_run):
     workdirs, configs = chain
-    pre_cfg, pre, _ = tiny_run
+    pre_cfg, pre = tiny_run[0], workdirs["pretrain"]
     rows = read_metrics(workdirs["sft"] / "metrics.jsonl")
     losses = [r["loss"] for r in rows]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
@@ -116,6 +123,17 @@ def test_dpo_starts_at_ln2_and_its_margin_and_accuracy_rise(chain):
     assert init_checkpoint(again, workdirs["dpo"]) == (str(workdirs["sft"]), sft_steps)
 
 
+def test_rlvr_reward_rises_on_a_task_the_model_partly_solves(chain):
+    workdirs, configs = chain
+    rows = read_metrics(workdirs["rlvr"] / "metrics.jsonl")
+    rewards = [r["reward_mean"] for r in rows]
+    assert 0.05 < np.mean(rewards[:5]) < 0.5  # partly solved after SFT and DPO
+    assert np.mean(rewards[-10:]) > np.mean(rewards[:5]) + 0.05, rewards
+    assert rows[0]["kl"] == 0.0 and all(r["kl"] >= 0 for r in rows)  # starts at the reference
+    assert {"pass_at_1", "clip_fraction", "reward_std"} <= set(rows[-1])
+    assert read_meta(workdirs["rlvr"], configs["rlvr"].train.steps)["stage"] == "rlvr"
+
+
 def test_stage_without_a_checkpoint_to_start_from_is_refused(tmp_path, data_dir):
     with pytest.raises(UserError, match="stage 'sft' fine-tunes a checkpoint: give --init_from"):
         prepare_stage(stage_config("sft", data_dir), tmp_path / "sft")
@@ -128,6 +146,7 @@ def test_stage_without_a_checkpoint_to_start_from_is_refused(tmp_path, data_dir)
 _KILLABLE = """
 import logging, sys
 logging.basicConfig(level=logging.INFO)
+logging.getLogger("absl").setLevel(logging.WARNING)
 sys.path[:0] = [{repo!r}, {tests!r}]
 from test_posttrain_stages import run_stage
 run_stage({stage!r}, {data_dir!r}, {parent!r}, {workdir!r})
@@ -139,13 +158,46 @@ def test_sft_resumes_exactly_after_sigkill(chain, tmp_path, data_dir):
     workdir = tmp_path / "sft"
     code = _KILLABLE.format(repo=str(REPO), tests=str(REPO / "tests"), stage="sft", data_dir=str(data_dir),
                             parent=str(workdirs["pretrain"]), workdir=str(workdir))
-    run = lambda: subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-    kill_when_exists(run(), workdir / "checkpoints" / "8", timeout=600)
-    out, err = run().communicate(timeout=300)
-    assert "resumed from step" in err, err[-3000:]
+    log = tmp_path / "stage.log"  # a file, not a pipe: a full pipe would block the chatty child
+
+    def run():
+        with log.open("w") as f:
+            return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+
+    kill_when_exists(run(), workdir / "checkpoints" / "8")
+    assert run().wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "resumed from step 8" in log.read_text()
     assert [r["loss"] for r in read_metrics(workdir / "metrics.jsonl")] == [
         r["loss"] for r in read_metrics(workdirs["sft"] / "metrics.jsonl")]
     steps = configs["sft"].train.steps
     assert_trees_equal(restore_params(configs["sft"], workdir, steps),
                        restore_params(configs["sft"], workdirs["sft"], steps))
+
+
+def test_sweep_over_the_linked_workdirs_gives_one_table_in_stage_order(chain, tmp_path):
+    workdirs, _ = chain
+    probes = ml_collections.ConfigDict({"probe_set": {"num_sequences": 64, "batch_size": 32},
+                                        "probes": {"last_token": {"type": "representation", "position": "last"}}})
+    order = ["pretrain", "sft", "dpo", "rlvr"]
+    for stage in order:
+        assert not sweep(workdirs[stage], probes).skipped
+    assert lineage_workdirs(workdirs["rlvr"]) == [Path(workdirs[s]).absolute() for s in order]
+    table, digest = lineage_results(lineage_workdirs(workdirs["rlvr"]))
+    assert list(dict.fromkeys(table["stage"])) == order and table["tokens_seen"].is_monotonic_increasing
+    assert len(table["run"].unique()) == 4 and len(digest) == 64
+    report = analyse_lineage(workdirs["rlvr"])
+    summary = pd.read_csv(report.summary_path)
+    assert report.summary_path == workdirs["rlvr"] / "probes" / "stages.csv"
+    assert list(dict.fromkeys(summary["stage"])) == order and set(summary["layer"]) == {0, 1}
+    for layer in (0, 1):  # each stage starts where its parent ended: the same parameters, the same numbers
+        rows = summary[summary["layer"] == layer].reset_index(drop=True)
+        np.testing.assert_array_equal(rows["rankme_start"][1:], rows["rankme_end"][:-1])
+        np.testing.assert_array_equal(rows["alpha_start"][1:], rows["alpha_end"][:-1])
+        np.testing.assert_array_equal(rows["start_tokens"][1:], rows["end_tokens"][:-1])
+    assert all(p.exists() for p in report.plots) and len(report.plots) == 2
+    # A stage probed on other sequences is refused: its numbers would not be comparable.
+    other = tmp_path / "other"
+    shutil.copytree(workdirs["sft"], other)
+    np.savez(Workdir(other).probe_set, tokens=np.zeros((1, 1)), sha256="0" * 64)
+    with pytest.raises(UserError, match="different probe sets"):
+        lineage_results([workdirs["pretrain"], other])

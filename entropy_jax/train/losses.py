@@ -127,7 +127,14 @@ def dpo(beta: float = 0.1, label_smoothing: float = 0.0, reference_workdir: str 
     return loss_fn
 
 
-LOSSES: dict[str, Callable[..., LossFn]] = {"next_token": next_token, "dpo": dpo}
+def grpo(**kwargs: Any) -> LossFn:
+    """GRPO, :func:`entropy_jax.train.grpo.grpo` (imported here on use: that module builds on this one)."""
+    from entropy_jax.train.grpo import grpo as make_grpo
+
+    return make_grpo(**kwargs)
+
+
+LOSSES: dict[str, Callable[..., LossFn]] = {"next_token": next_token, "dpo": dpo, "grpo": grpo}
 
 
 def make_loss(spec: Mapping[str, Any] | None) -> LossFn:

@@ -1,0 +1,247 @@
+"""Geometry across a lineage of stages (pretrain -> sft -> dpo -> rlvr): one table, one axis, a summary.
+
+A fine-tuning run records its parent checkpoint in every checkpoint's metadata, so a lineage is
+found from its last workdir (:func:`lineage_workdirs`). Every stage is probed on the lineage
+root's probe sequences; :func:`lineage_results` checks that their sha256 is one and the same and
+concatenates the stages' results tables in lineage order, rows keyed ``(run, stage, step)`` with
+cumulative ``tokens_seen``. Trajectories are never averaged across stages or runs.
+
+:func:`stage_summary` gives RankMe and alpha-ReQ at each stage's first and last checkpoint and
+their change (``probes/stages.csv``); :func:`make_lifecycle_figure` draws the stages on one
+cumulative-token axis, each stage on its own log scale (so a short fine-tuning stage is as
+readable as pretraining), shaded by stage, with each stage's phases marked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.scale import FuncScale
+
+from entropy_jax.analysis import phases as ph
+from entropy_jax.analysis.plots import default_probe, save_figure
+from entropy_jax.analysis.results import load_optional, load_results, load_train_metrics
+from entropy_jax.checkpoint import Checkpoints
+from entropy_jax.errors import UserError
+from entropy_jax.workdir import Workdir
+
+STAGE_COLOURS = {"pretrain": "0.85", "finetune": "tab:olive", "sft": "tab:blue", "dpo": "tab:green",
+                 "rlvr": "tab:red"}
+SUMMARY_COLUMNS = ("run", "stage", "probe", "layer", "start_step", "end_step", "start_tokens", "end_tokens",
+                   "rankme_start", "rankme_end", "rankme_change", "alpha_start", "alpha_end", "alpha_change")
+
+
+def _latest_meta(workdir: Path) -> dict | None:
+    if not (workdir / "checkpoints").is_dir():
+        return None
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        steps = ckpts.all_steps()
+        return ckpts.read_meta(steps[-1]) if steps else None
+    finally:
+        ckpts.close()
+
+
+def lineage_workdirs(workdir: str | Path) -> list[Path]:
+    """The workdirs of ``workdir``'s lineage, root first, following each run's recorded parent."""
+    chain, current = [], Path(workdir).absolute()
+    while current is not None:
+        if current in chain:
+            raise UserError(f"the lineage of {workdir} loops back to {current}")
+        meta = _latest_meta(current)
+        if meta is None:
+            raise UserError(f"no checkpoints in {current / 'checkpoints'}: a stage of the lineage of {workdir} is "
+                            "missing (moved or deleted?)")
+        chain.append(current)
+        parent = meta.get("parent")
+        current = Path(parent["workdir"]) if parent else None
+    return chain[::-1]
+
+
+def probe_set_hash(workdir: Path) -> str:
+    path = Workdir(workdir).probe_set
+    if not path.exists():
+        raise UserError(f"no probe set at {path}: run experiments/probe.py --workdir={workdir} first")
+    with np.load(path) as saved:
+        return str(saved["sha256"])
+
+
+def lineage_results(workdirs: list[str | Path]) -> tuple[pd.DataFrame, str]:
+    """The results tables of ``workdirs`` (lineage order) as one table, and their one probe-set sha256.
+
+    Raises UserError when the stages were probed on different probe sets (their numbers would not
+    be comparable) or a table is missing.
+    """
+    hashes = {str(Path(w)): probe_set_hash(Path(w)) for w in workdirs}
+    if len(set(hashes.values())) != 1:
+        raise UserError("the stages were probed on different probe sets, so their numbers are not comparable: "
+                        + "; ".join(f"{w}: {h[:12]}" for w, h in hashes.items()))
+    tables = [load_results(w).assign(stage_index=i) for i, w in enumerate(workdirs)]
+    table = pd.concat(tables, ignore_index=True)
+    table = table.sort_values(["stage_index", "step"], kind="stable").reset_index(drop=True)
+    return table, next(iter(hashes.values()))
+
+
+def stage_summary(table: pd.DataFrame, *, probe: str, layers: list[int] | None = None) -> pd.DataFrame:
+    """RankMe and alpha-ReQ at the first and last checkpoint of each stage (per layer), with the changes
+    (RankMe relative, ``end / start - 1``; alpha absolute)."""
+    rankme_metric = ph.pick_rankme_metric(table)
+    rows = table[(table["probe"] == probe) & (table["head"] == -1)
+                 & table["metric"].isin([rankme_metric, "alpha_req"])]
+    if layers is not None:
+        rows = rows[rows["layer"].isin(layers)]
+    out = []
+    for (_, run, stage, layer), group in rows.groupby(["stage_index", "run", "stage", "layer"], sort=True):
+        wide = group.pivot_table(index=["step", "tokens_seen"], columns="metric", values="value").reset_index()
+        wide = wide.sort_values("step").dropna()
+        if wide.empty:
+            continue
+        first, last = wide.iloc[0], wide.iloc[-1]
+        out.append(dict(
+            run=run, stage=stage, probe=probe, layer=int(layer), start_step=int(first["step"]),
+            end_step=int(last["step"]), start_tokens=int(first["tokens_seen"]), end_tokens=int(last["tokens_seen"]),
+            rankme_start=first[rankme_metric], rankme_end=last[rankme_metric],
+            rankme_change=last[rankme_metric] / first[rankme_metric] - 1.0,
+            alpha_start=first["alpha_req"], alpha_end=last["alpha_req"],
+            alpha_change=last["alpha_req"] - first["alpha_req"],
+        ))
+    return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
+
+
+def write_stage_summary(summary: pd.DataFrame, workdir: str | Path) -> Path:
+    path = Workdir(workdir).probes / "stages.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(path, index=False)
+    return path
+
+
+def format_stage_summary(summary: pd.DataFrame) -> str:
+    if summary.empty:
+        return "no stage has both RankMe and alpha-ReQ rows"
+    return summary.drop(columns=["run", "probe"]).to_string(
+        index=False, float_format=lambda v: f"{v:.3g}",
+        formatters={"rankme_change": lambda v: f"{v:+.1%}", "alpha_change": lambda v: f"{v:+.3f}"})
+
+
+def _stage_bounds(table: pd.DataFrame) -> list[tuple[str, int, int, int]]:
+    """(stage, first tokens, last tokens, smallest gap between its checkpoints) per stage, in lineage order."""
+    bounds = []
+    for (_, stage), group in table.groupby(["stage_index", "stage"], sort=True):
+        tokens = np.unique(group["tokens_seen"].to_numpy())
+        gaps = np.diff(tokens)
+        bounds.append((stage, int(tokens[0]), int(tokens[-1]), int(gaps.min()) if len(gaps) else 1))
+    return bounds
+
+
+def stage_log_scale(bounds: list[tuple[str, int, int, int]]) -> FuncScale:
+    """Cumulative tokens -> position: stage i fills [i, i + 1) with ``log(1 + (tokens - start) / gap)``,
+    ``gap`` its first checkpoint spacing (a symlog per stage: its first step is as visible as the rest)."""
+    xs, us = [], []
+    for i, (_, lo, hi, gap) in enumerate(bounds):
+        span = np.log1p(max(hi - lo, 1) / gap)
+        grid = lo + gap * np.expm1(np.linspace(0.0, span, 200))
+        xs.append(grid)
+        us.append(i + np.log1p((grid - lo) / gap) / span * 0.999)
+    x, u = np.concatenate(xs), np.concatenate(us)
+    x, keep = np.unique(x, return_index=True)
+    u = np.maximum.accumulate(u[keep])
+    return FuncScale(None, (lambda v: np.interp(v, x, u), lambda v: np.interp(v, u, x)))
+
+
+def _shade_stages(ax: Axes, bounds: list[tuple[str, int, int, int]]) -> list[Patch]:
+    handles = {}
+    for stage, lo, hi, _ in bounds:
+        colour = STAGE_COLOURS.get(stage, "tab:gray")
+        ax.axvspan(lo, max(hi, lo + 1), color=colour, alpha=0.12, lw=0)
+        handles[stage] = Patch(color=colour, alpha=0.3, label=f"stage {stage}")
+    return list(handles.values())
+
+
+def _mark_phases(ax: Axes, phase_table: pd.DataFrame | None, table: pd.DataFrame) -> list[Patch]:
+    """Each stage's labelled phases as bars along the bottom of ``ax`` (tokens from the phase table)."""
+    if phase_table is None or phase_table.empty:
+        return []
+    drawn = {}
+    for row in phase_table.itertuples():
+        colour = {ph.WARMUP: "tab:orange", ph.ENTROPY_SEEKING: "tab:green",
+                  ph.COMPRESSION_SEEKING: "tab:purple"}.get(row.phase)
+        if colour is not None:
+            ax.axvspan(row.start_tokens, row.end_tokens, ymin=0.0, ymax=0.05, color=colour, lw=0)
+            drawn[row.phase] = Patch(color=colour, label=f"phase {row.phase}")
+    return list(drawn.values())
+
+
+def make_lifecycle_figure(table: pd.DataFrame, phase_table: pd.DataFrame | None = None, *, probe: str,
+                          layer: int) -> Figure:
+    """RankMe and alpha-ReQ of one (probe, layer) over every stage against cumulative tokens."""
+    rankme_metric = ph.pick_rankme_metric(table)
+    rows = table[(table["probe"] == probe) & (table["layer"] == layer) & (table["head"] == -1)]
+    bounds = _stage_bounds(rows)
+    if not bounds:
+        raise ValueError(f"no rows for probe {probe!r} at layer {layer}")
+    if phase_table is not None and not phase_table.empty:
+        phase_table = phase_table[(phase_table["probe"] == probe) & (phase_table["layer"] == layer)]
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    ax_r, ax_a = fig.subplots(2, 1, sharex=True)
+    for ax, metric, colour, label in ((ax_r, rankme_metric, "tab:blue", f"RankMe, {rankme_metric} (effective rank)"),
+                                      (ax_a, "alpha_req", "tab:red", "alpha-ReQ (power-law exponent)")):
+        for _, group in rows[rows["metric"] == metric].groupby("stage_index", sort=True):  # never joined across
+            group = group.sort_values("step")
+            ax.plot(group["tokens_seen"], group["value"], "o-", ms=3, color=colour)
+        ax.set_xscale(stage_log_scale(bounds))
+        ax.set_ylabel(label)
+    handles = _shade_stages(ax_r, bounds) + _mark_phases(ax_r, phase_table, rows)
+    _shade_stages(ax_a, bounds)
+    _mark_phases(ax_a, phase_table, rows)
+    ticks = sorted({lo for _, lo, _, _ in bounds} | {bounds[-1][2]})
+    ax_a.set_xticks(ticks, [f"{t / 1e6:.3g}M" if t >= 1e6 else f"{t:,}" for t in ticks])
+    ax_a.set_xlabel("cumulative tokens seen (stage boundaries marked; each stage on its own log scale)")
+    ax_r.legend(handles=handles, loc="best", fontsize="small")
+    ax_r.set_title(f"Representation geometry across stages: probe {probe}, layer {layer}")
+    return fig
+
+
+@dataclasses.dataclass(frozen=True)
+class LifecycleReport:
+    workdirs: list[Path]
+    probe_set_sha256: str
+    summary: pd.DataFrame
+    summary_path: Path
+    plots: list[Path]
+
+    def __str__(self) -> str:
+        stages = " -> ".join(f"{w.name}" for w in self.workdirs)
+        pngs = "\n".join(f"  {p}" for p in self.plots)
+        return (f"lifecycle: {stages} (probe set sha256 {self.probe_set_sha256[:12]})\n"
+                f"stage summary: {self.summary_path}\n{format_stage_summary(self.summary)}\nplots:\n{pngs}")
+
+
+def summary_layers(table: pd.DataFrame, probe: str) -> list[int]:
+    """The final layer (after the final norm) and a middle one of ``probe``."""
+    layers = sorted(int(x) for x in table.loc[table["probe"] == probe, "layer"].unique() if x >= 0)
+    return sorted({layers[(len(layers) - 1) // 2], layers[-1]})
+
+
+def analyse_lineage(workdir: str | Path, *, probe: str | None = None) -> LifecycleReport:
+    """Stage summary (``probes/stages.csv``) and lifecycle plots (``plots/lifecycle_*.png``) of the lineage
+    ending at ``workdir``, written into ``workdir``; every stage must have been probed."""
+    workdirs = lineage_workdirs(workdir)
+    table, digest = lineage_results(workdirs)
+    probe = probe or default_probe(table)
+    layers = summary_layers(table, probe)
+    phase_tables = []
+    for w in workdirs:
+        train_metrics = load_optional(load_train_metrics, w, "warmup inference")
+        phase_tables.append(ph.detect_phases(load_results(w), train_metrics=train_metrics, probe=probe))
+    phase_table = pd.concat(phase_tables, ignore_index=True)
+    summary = stage_summary(table, probe=probe, layers=layers)
+    out = Workdir(workdir).plots
+    paths = [save_figure(make_lifecycle_figure(table, phase_table, probe=probe, layer=layer),
+                         out / f"lifecycle_{probe}_layer{layer}.png") for layer in layers]
+    return LifecycleReport(workdirs, digest, summary, write_stage_summary(summary, workdir), paths)

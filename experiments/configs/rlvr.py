@@ -1,0 +1,39 @@
+"""RL with verifiable rewards (GRPO) on the tasks: ``--config=experiments/configs/rlvr.py:<preset>``.
+
+Each step samples ``group_size`` answers per prompt (temperature ``temperature``, jitted, with a
+KV cache), rewards 1 where the task checker accepts the answer, and takes a clipped policy-gradient
+step on the group-normalised advantages (Shao et al. 2024) with a k3 KL penalty towards the
+frozen reference (the checkpoint the stage starts from), stage ``rlvr``:
+  python experiments/posttrain.py --config=experiments/configs/rlvr.py:tiny --init_from=runs/dpo \
+      --workdir=runs/rlvr
+Presets as in sft.py:
+  tiny  100 steps of 32 prompts x 8 samples, lr 3e-4; metrics.jsonl logs reward_mean, pass_at_1
+        (greedy, on held-out prompts) and kl.
+  test  30 steps; what the tests run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def _sft():
+    spec = importlib.util.spec_from_file_location("sft_configs", Path(__file__).with_name("sft.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    c = _sft().posttrain_config(preset, "rlvr", "rl")
+    c.train.steps = 100 if preset == "tiny" else 30
+    c.train.lr = 3e-4 if preset == "tiny" else 3e-3
+    c.train.end_lr = c.train.lr / 10
+    c.train.loss = ml_collections.ConfigDict(dict(
+        name="grpo", group_size=8, temperature=1.0, clip_eps=0.2, kl_coef=0.02,
+        reference_workdir="", reference_step=-1,  # "" = the checkpoint the stage starts from
+    ))
+    return c
