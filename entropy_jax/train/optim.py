@@ -1,11 +1,14 @@
-"""Optimiser and learning-rate schedule: AdamW, linear warmup then cosine decay, global-norm clipping."""
+"""Optimiser and learning-rate schedule: AdamW, linear warmup then cosine decay, global-norm clipping,
+and optionally KappaTune (train only the best-conditioned weight matrices)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -25,7 +28,62 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def condition_numbers(params: Any) -> dict[str, float]:
+    """``kappa = s_max / s_min`` (float64 SVD) of every weight matrix (2-D parameter), by path."""
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    out = {}
+    for path, leaf in flat:
+        if np.ndim(leaf) == 2:
+            s = np.linalg.svd(np.asarray(leaf, np.float64), compute_uv=False)
+            out[jax.tree_util.keystr(path)] = float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
+    return out
+
+
+def kappatune_mask(params: Any, num_trained: int) -> Any:
+    """True for the ``num_trained`` weight matrices of lowest condition number (ties: path order), False
+    for every other parameter (KappaTune, Ludwig 2025: well-conditioned matrices adapt with the least
+    disturbance to what pretraining stored)."""
+    kappas = condition_numbers(params)
+    if not 1 <= num_trained <= len(kappas):
+        raise ValueError(f"train.kappatune={num_trained}: choose between 1 and the model's {len(kappas)} weight "
+                         "matrices (0 trains every parameter)")
+    chosen = set(sorted(kappas, key=lambda k: (kappas[k], k))[:num_trained])
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return jax.tree_util.tree_unflatten(treedef, [jax.tree_util.keystr(p) in chosen for p, _ in flat])
+
+
+class KappaTuneMask(NamedTuple):
+    """The trained (True) / frozen (False) mask, fixed at init (the stage's starting parameters), checkpointed."""
+
+    mask: Any
+
+
+def kappatune(num_trained: int) -> optax.GradientTransformation:
+    """Zero the updates of all but the ``num_trained`` lowest-kappa matrices at init, so the others stay
+    bit-identical. The mask is computed once, from the parameters ``init`` sees, and kept in the state."""
+
+    def init(params):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)):
+            mask = jax.tree.map(lambda _: jnp.zeros((), bool), params)  # shapes only (a restore target)
+        else:
+            mask = jax.tree.map(jnp.asarray, kappatune_mask(params, num_trained))
+        return KappaTuneMask(mask)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, state.mask), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+    """AdamW (with clipping when ``grad_clip`` > 0), then KappaTune when ``kappatune`` > 0."""
+    tx = _adamw(train_cfg)
+    num_trained = int(train_cfg.get("kappatune", 0) or 0)
+    return optax.chain(tx, kappatune(num_trained)) if num_trained > 0 else tx
+
+
+def _adamw(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
     adamw = optax.adamw(
         make_schedule(train_cfg),
         b1=train_cfg["b1"],
