@@ -209,6 +209,37 @@ def make_spectra_figure(
     return fig
 
 
+DSE_PANELS = {
+    "dse_bits": "DSE at the median pairwise distance (bits)",
+    "dse_bits_sigma10": "DSE at fixed sigma = 10 (bits)",
+    "dse_sigma": "median pairwise distance (feature units)",
+}
+
+
+def make_dse_figure(results: pd.DataFrame, *, probe: str | None = None) -> Figure:
+    """Diffusion spectral entropy against log step, one line per layer: at the median-distance
+    bandwidth, at the official fixed sigma, and the bandwidth itself (what the fixed sigma ignores)."""
+    probe = probe or default_probe(results)
+    rows = results[(results["probe"] == probe) & (results["head"] == -1)]
+    panels = [m for m in DSE_PANELS if m in set(rows["metric"])]
+    if "dse_bits" not in panels:
+        raise ValueError(f"no dse_bits rows for probe {probe!r} in the results table")
+    fig = Figure(figsize=(4.6 * len(panels), 4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharex=True))
+    layers = sorted(rows.loc[rows["metric"] == "dse_bits", "layer"].unique())
+    for ax, metric in zip(axes, panels, strict=True):
+        for layer in layers:
+            curve = res.metric_trajectory(rows, metric, probe=probe, layer=layer)
+            ax.plot(curve["step"], curve["value"], "o-", ms=3, color=colormaps["viridis"](layer / max(layers[-1], 1)),
+                    label=f"layer {layer}")
+        _log_step_axis(ax)
+        ax.set_ylabel(DSE_PANELS[metric])
+    axes[0].legend(fontsize="small")
+    n = rows.loc[rows["metric"] == "dse_n", "value"]
+    fig.suptitle(f"Diffusion spectral entropy: probe {probe}" + (f", N = {int(n.max())} rows" if len(n) else ""))
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Save ``fig`` as PNG at ``path`` (folders created) and return the path."""
     path = Path(path)
@@ -254,6 +285,11 @@ def plot_spectra(spectra: dict[int, dict[str, np.ndarray]], path: str | Path, *,
     return save_figure(make_spectra_figure(spectra, key=key), path)
 
 
+def plot_dse(results: pd.DataFrame, path: str | Path, *, probe: str | None = None) -> Path:
+    """Save :func:`make_dse_figure` for ``probe`` to ``path``."""
+    return save_figure(make_dse_figure(results, probe=probe), path)
+
+
 def plot_all(workdir: str | Path, *, probe: str | None = None, layer: int | None = None) -> list[Path]:
     """Draw every figure whose inputs exist into ``workdir/plots/``; log and skip the others.
     Holds the workdir's lock while drawing.
@@ -285,6 +321,8 @@ def _plot_all(workdir: Path, probe: str | None, layer: int | None) -> list[Path]
         logging.info("skipping attention plots: no attention_entropy rows in the results table")
     if "attention_entropy" in metrics and metrics & set(BOUND_METRICS):
         paths.append(plot_attention_bound(results, out / "attention_entropy_bound.png"))
+    if "dse_bits" in set(results.loc[results["probe"] == probe, "metric"]):
+        paths.append(plot_dse(results, out / f"dse_{probe}.png", probe=probe))
     key = f"{probe}_layer{layer}"
     if spectra is not None and any(key in arrays for arrays in spectra.values()):
         paths.append(plot_spectra(spectra, out / f"spectra_{key}.png", key=key))

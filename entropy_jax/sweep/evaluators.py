@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from entropy_jax.probes.diffusion import diffusion_spectral_entropy
+from entropy_jax.probes.diffusion import EXACT_MAX_SAMPLES, dse_estimate, dse_sample, median_distance
 from entropy_jax.probes.spectra import spectral_metrics
 from entropy_jax.probes.weights import param_path, weight_spectra
 from entropy_jax.sweep.forward import ATTENTION_METRICS
@@ -71,15 +71,32 @@ class Representation(Evaluator):
     """Spectra of the residual stream of every layer (0 = embedding output, L = after the final norm).
 
     kwargs: ``position`` "last" | "mean"; ``alpha_fit_range`` (0-based [start, stop), None: the
-    library default); ``dse_sigma`` > 0 adds diffusion spectral entropy (bits) at that kernel width.
+    library default). Diffusion spectral entropy (docs/metrics.md), on ``dse_samples`` rows (a
+    seeded draw when there are more; 0: no DSE rows): ``dse_bits`` at the median pairwise distance
+    (rows ``dse_sigma``, ``dse_n``) and ``dse_bits_sigma<dse_sigma>`` at the fixed width
+    ``dse_sigma`` (0: none); exact up to ``dse_exact_max`` rows, the SLQ estimate above (``note``).
     """
 
     METRICS = ("rankme", "rankme_cov", "alpha_req", "alpha_req_r2", "alpha_req_r2_window", "alpha_req_fit_start",
                "alpha_req_fit_stop", "von_neumann_entropy", "von_neumann_entropy_uncentred")
     _FROM_RESULT = {"alpha_req_fit_start": "alpha_fit_start", "alpha_req_fit_stop": "alpha_fit_stop"}
+    DSE_DEFAULTS = {"dse_samples": 512, "dse_seed": 0, "dse_sigma": 10.0, "dse_exact_max": EXACT_MAX_SAMPLES}
+
+    def dse_option(self, key: str) -> Any:
+        value = self.entry.get(key)
+        return self.DSE_DEFAULTS[key] if value is None else value
+
+    def dse_metrics(self) -> tuple[str, ...]:
+        samples = self.dse_option("dse_samples")
+        if not isinstance(samples, int) or samples < 0 or samples == 1:
+            raise ValueError(f"probes.{self.name}.dse_samples={samples!r} must be an integer >= 2 (0 = no DSE rows)")
+        if not samples:
+            return ()
+        fixed = float(self.dse_option("dse_sigma"))
+        return ("dse_bits", "dse_sigma", "dse_n") + ((f"dse_bits_sigma{fixed:g}",) if fixed > 0 else ())
 
     def metrics(self) -> tuple[str, ...]:
-        return self.METRICS + (("dse_bits",) if self.entry.get("dse_sigma", 0) else ())
+        return self.METRICS + self.dse_metrics()
 
     def expected_keys(self) -> set[RowKey]:
         return {(self.name, layer, -1, m) for layer in range(self.info.num_layers + 1) for m in self.metrics()}
@@ -96,9 +113,28 @@ class Representation(Evaluator):
                 key = self._FROM_RESULT.get(metric, metric)
                 note = notes.get(metric, notes.get("alpha_req", "") if metric.startswith("alpha_req") else "")
                 yield (self.name, layer, -1, metric), float(m.get(key, math.nan)), note
-            if self.entry.get("dse_sigma", 0):
-                dse = diffusion_spectral_entropy(x, sigma=self.entry["dse_sigma"], mesh=ctx.mesh)
-                yield (self.name, layer, -1, "dse_bits"), float(dse), ""
+            if self.dse_metrics():
+                for metric, value, note in self.dse_rows(x, ctx.mesh):
+                    yield (self.name, layer, -1, metric), value, note
+
+    def dse_rows(self, x: np.ndarray, mesh: jax.sharding.Mesh | None) -> Iterator[tuple[str, float, str]]:
+        """``(metric, value, note)`` of the DSE rows of one layer's N x D representations."""
+        seed, exact_max = self.dse_option("dse_seed"), int(self.dse_option("dse_exact_max"))
+        xs = dse_sample(x, int(self.dse_option("dse_samples")), seed)
+        sigma = median_distance(xs, seed=seed)
+        yield "dse_n", float(len(xs)), ""
+        yield "dse_sigma", sigma, f"median pairwise distance of {min(len(xs), 2048)} rows"
+        if sigma > 0:
+            est = dse_estimate(xs, sigma, exact_max=exact_max, seed=seed, mesh=mesh)
+            yield "dse_bits", est.bits, est.note()
+        elif np.ptp(xs, axis=0).max() == 0:
+            yield "dse_bits", 0.0, "all sampled rows coincide: one point, DSE = 0 (limit)"
+        else:
+            yield "dse_bits", math.nan, "median pairwise distance is 0 (most sampled rows coincide): no bandwidth"
+        fixed = float(self.dse_option("dse_sigma"))
+        if fixed > 0:
+            est = dse_estimate(xs, fixed, exact_max=exact_max, seed=seed, mesh=mesh)
+            yield f"dse_bits_sigma{fixed:g}", est.bits, est.note()
 
 
 class Attention(Evaluator):

@@ -36,7 +36,13 @@ def representation_probe(position: str) -> ml_collections.ConfigDict:
         type="representation", position=position,
         in_training=True,  # also computed by the training process at its probe steps (train.probe_every)
         alpha_fit_range=placeholder(tuple),  # (start, stop) 0-based ranks; None: library default for the width
-        dse_sigma=0.0,  # > 0 adds diffusion spectral entropy (bits) with this kernel width
+        # Diffusion spectral entropy (docs/metrics.md): dse_bits at the median pairwise distance of
+        # dse_samples rows (a seeded draw; rows dse_sigma, dse_n) and dse_bits_sigma10 at the official
+        # fixed width; exact up to dse_exact_max rows, the matrix-free SLQ estimate above.
+        dse_samples=512,  # rows used (a fixed, seeded draw when there are more); 0 = no DSE rows
+        dse_seed=0,
+        dse_sigma=10.0,  # fixed kernel width of the dse_bits_sigma<width> row (official default 10); 0 = none
+        dse_exact_max=8192,
     ))
 
 
