@@ -80,6 +80,28 @@ if spectra is not None and any(key in arrays for arrays in spectra.values()):
     display(plots.make_spectra_figure(spectra, key=key))
 else:
     print(f"no spectra named {key}")"""),
+    ("md", """## Lifecycle: pretraining, SFT, DPO, RLVR
+
+`python run.py` fine-tunes the pretrained model in stages, each in its own workdir
+(`<workdir>-sft`, `-dpo`, `-rlvr`) and each started from the one before; every stage is probed on
+the same probe sequences. Following the parents recorded in the checkpoints from the last stage
+(`ENTROPY_JAX_LIFECYCLE`, by default `<workdir>-rlvr`) gives the lineage: one table, RankMe and
+alpha-ReQ on one cumulative-token axis (each stage on its own log scale, shaded), and each stage's
+start and end values (Li et al. 2025 report SFT and DPO expanding the representations, RLVR
+compressing them)."""),
+    ("code", """from entropy_jax.analysis import lifecycle  # noqa: E402
+
+LEAF = Path(os.environ.get("ENTROPY_JAX_LIFECYCLE", f"{WORKDIR}-rlvr"))
+chain = lifecycle.lineage_workdirs(LEAF) if (LEAF / "checkpoints").is_dir() else [WORKDIR]
+if len(chain) > 1:
+    stages_table, digest = lifecycle.lineage_results(chain)
+    print(" -> ".join(w.name for w in chain), f"(probe set sha256 {digest[:12]})")
+    layers = lifecycle.summary_layers(stages_table, PROBE)
+    print(lifecycle.format_stage_summary(lifecycle.stage_summary(stages_table, probe=PROBE, layers=layers)))
+    for layer in layers:
+        display(lifecycle.make_lifecycle_figure(stages_table, probe=PROBE, layer=layer))
+else:
+    print(f"no fine-tuning stages after {WORKDIR}: run python run.py (all stages) first")"""),
 ]
 
 
