@@ -2,6 +2,7 @@
 (reference outputs committed by tests/fixtures/make_hf_fixtures.py) and against an independent
 float64 numpy forward; both config.json dialects, bfloat16 files, FSDP placement, padding rows."""
 
+import functools
 import json
 import shutil
 import struct
@@ -28,10 +29,14 @@ def _hf_tensors(folder):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens, return_intermediates=True)
+
+
 def _forward(model, tokens):
-    """One jitted forward (one compilation instead of one per eager op: the tests stay fast)."""
-    graphdef, state = nnx.split(model)
-    logits, inter = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, return_intermediates=True))(state, tokens)
+    """One jitted forward, compiled once per model graph (not once per eager op: the tests stay fast)."""
+    logits, inter = _apply(*nnx.split(model), tokens)
     return np.asarray(logits), [np.asarray(h) for h in inter["residual"]]
 
 
