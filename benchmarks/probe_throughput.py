@@ -19,6 +19,11 @@ Measured 2026-11-28, one thread, 2-core VM shared with other jobs (load ~3-5):
       (15.7-16.5x), (b) 1.89-2.60 s (1.00-1.34x), (b+) 3.55-4.58 s (1.89-2.36x), rel diff 1e-13
   DSE N=10k: ours 51.9 s / 839 MiB, official 189.5 s / 3827 MiB (3.65x), |diff| 0 bits
   attention entropy T=8192: dense 512 MiB, blocked (512 keys) 34 MiB
+  DSE estimate (SLQ) vs exact, 2026-11-29, 2-core VM under load 12-19 (wall times inflated):
+      LayerNorm-like D=32, N=5000: median sigma exact 3.18272 / slq 3.16876 bits (-0.44%, stderr
+      0.013), exact 453 s / slq 84 s; sigma 10: 0.15509 / 0.15506 (-0.02%); Gaussian D=128,
+      N=10000, sigma 10: exact 8.73957 / slq 8.71732 (-0.25%, stderr 0.043), slq 58 CPU s;
+      N=50000 D=32: one kernel pass 24 CPU s (35 per estimate), peak RSS 0.5 GB
 """
 
 from __future__ import annotations
@@ -158,6 +163,35 @@ def dse_rows(sizes: list[int], official_up_to: int) -> None:
             print(f"{n:>8} {t_ours:8.2f} {m_ours:9.0f} {'skipped':>11}")
 
 
+def layernorm_like(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Rows of a power-law Gaussian (rotated, offset) after LayerNorm: centred, unit variance per row."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) * np.arange(1, d + 1) ** -0.8 @ np.linalg.qr(rng.standard_normal((d, d)))[0]
+    x += rng.standard_normal(d)
+    return (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+
+
+def dse_estimate_rows(sizes: list[int], exact_up_to: int, d: int = 32) -> None:
+    """Matrix-free DSE (SLQ) against the exact dense DSE (the baseline), on LayerNorm-like rows at
+    the median-distance bandwidth (the sweep's ``dse_bits``) and at sigma = 10 (``dse_bits_sigma10``)."""
+    print(f"\nDSE estimate (SLQ) vs exact, LayerNorm-like rows, D = {d}")
+    print(f"{'N':>7} {'sigma':>8} {'exact s':>8} {'exact MiB':>10} {'slq s':>7} {'slq MiB':>8} {'exact/slq':>9} "
+          f"{'exact bits':>10} {'slq bits':>9} {'rel diff':>9} {'stderr':>8} {'half-gap':>8}")
+    for n in sizes:
+        x = layernorm_like(n, d)
+        for sigma in (probes.diffusion.median_distance(x), 10.0):
+            est, t_slq, m_slq = measure(lambda x=x, s=sigma: probes.diffusion.diffusion_spectral_entropy_slq(x, s))
+            if n <= exact_up_to:
+                exact, t_ex, m_ex = measure(
+                    lambda x=x, s=sigma: probes.diffusion_spectral_entropy(x, s, max_samples=None))
+                rel = (est.bits - exact) / exact
+                cols = f"{t_ex:8.1f} {m_ex:10.0f}", f"{t_ex / t_slq:9.2f} {exact:10.5f}", f"{rel:+9.4f}"
+            else:
+                cols = f"{'skipped':>8} {'':>10}", f"{'':>9} {'':>10}", f"{'':>9}"
+            print(f"{n:>7} {sigma:8.3f} {cols[0]} {t_slq:7.1f} {m_slq:8.0f} {cols[1]} {est.bits:9.5f} {cols[2]} "
+                  f"{est.stderr:8.5f} {est.quadrature_halfgap:8.5f}", flush=True)
+
+
 def attention_memory(t: int, key_block: int = 512, dh: int = 64) -> None:
     """Compiled temporary memory of dense vs blocked attention entropy (one head, float32)."""
     q = jax.ShapeDtypeStruct((1, 1, t, dh), jnp.float32)
@@ -194,10 +228,12 @@ def main() -> None:
     if args.quick:
         spectral_rows([(2000, 128), (10_000, 512)], mesh)
         dse_rows([1000, 2000], official_up_to=2000)
+        dse_estimate_rows([2000], exact_up_to=2000)
         attention_memory(2048)
     else:
         spectral_rows([(2000, 128), (10_000, 512), (15_000, 2048)], mesh)
         dse_rows([1000, 2000, 5000, 10_000], official_up_to=10_000)
+        dse_estimate_rows([5000, 10_000, 50_000], exact_up_to=10_000)
         attention_memory(8192)
 
 
