@@ -23,7 +23,7 @@ from flax import nnx
 from entropy_jax.probes.diffusion import EXACT_MAX_SAMPLES, dse_estimate, dse_sample, median_distance
 from entropy_jax.probes.spectra import spectral_metrics
 from entropy_jax.probes.weights import param_path, weight_spectra
-from entropy_jax.sweep.forward import ATTENTION_METRICS
+from entropy_jax.sweep.forward import ATTENTION_METRICS, EXACT_NORMS_KEY, NORM_METHODS
 from entropy_jax.sweep.table import RowKey
 
 Row = tuple[RowKey, float, str]
@@ -140,24 +140,47 @@ class Representation(Evaluator):
 class Attention(Evaluator):
     """Per block (layer 1..L) and head (head -1 = mean over heads): attention entropy, its
     normalisation by ln T_i, and the three Theorem 3.1 bounds (nats), over the first
-    ``num_examples`` probe sequences (the bounds cost O(T^3) per head and sequence)."""
+    ``num_examples`` probe sequences.
+
+    kwargs: ``num_examples`` (default 128); ``norm`` "certified" (default: certified upper
+    bounds on the spectral norms of the logit matrix and of X, O(T^2 k) per head and sequence)
+    or "exact" (``eigvalsh``, O(T^3)); the bound rows' note says which the forward pass used
+    (``norm=certified`` or ``norm=exact``).
+    """
 
     needs_attention = True
     DEFAULT_EXAMPLES = 128
+    DEFAULT_NORM = "certified"
+    _NORM_BOUNDS = ("attention_entropy_bound_logits", "attention_entropy_bound_weights")
+
+    def __init__(self, name: str, entry: Mapping[str, Any], info: ModelInfo):
+        super().__init__(name, entry, info)
+        if self.norm not in NORM_METHODS:
+            raise ValueError(f"probe {name!r}: norm must be one of {NORM_METHODS}, got {self.norm!r}")
 
     @property
     def num_examples(self) -> int:
         return int(self.entry.get("num_examples", self.DEFAULT_EXAMPLES))
+
+    @property
+    def norm(self) -> str:
+        return str(self.entry.get("norm", self.DEFAULT_NORM))
 
     def expected_keys(self) -> set[RowKey]:
         return {(self.name, layer, head, m) for layer in range(1, self.info.num_layers + 1)
                 for head in range(-1, self.info.num_heads) for m in ATTENTION_METRICS}
 
     def run(self, ctx: Context) -> Iterator[Row]:
+        used = "exact" if np.all(ctx.forward[EXACT_NORMS_KEY] == 1.0) else "certified"
+        if used != self.norm:
+            raise ValueError(f"probe {self.name!r} asks for norm={self.norm!r} but the forward pass took {used} "
+                             f"norms; pass the probe's norm to probe_forward(attention_norm=...)")
         for metric in ATTENTION_METRICS:
             per_head = ctx.forward[f"attention/{metric}"].mean(axis=0)  # L x H
             for layer, heads in enumerate(per_head, start=1):
-                note = "" if np.isfinite(heads).all() else "no bilinear form W_Q W_K^T (rotary positions)"
+                note = f"norm={used}" if metric in self._NORM_BOUNDS else ""
+                if not np.isfinite(heads).all():
+                    note = "no bilinear form W_Q W_K^T (rotary positions)"
                 yield (self.name, layer, -1, metric), float(np.mean(heads)), note
                 for h, v in enumerate(heads):
                     yield (self.name, layer, h, metric), float(v), note

@@ -23,7 +23,16 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from entropy_jax.probes.attention import attention_entropy, attention_entropy_bounds, predictive_entropy
+from entropy_jax.probes.attention import (
+    NORM_METHODS,
+    attention_entropy,
+    attention_entropy_lower_bound,
+    bilinear_form_norm,
+    causal_mask,
+    predictive_entropy,
+    spectral_norm,
+    spectral_norm_upper_bound,
+)
 from entropy_jax.sharding import data_sharding
 
 # Per layer and head, means over query rows (nats): measured entropy, entropy / ln T_i, and the
@@ -31,45 +40,70 @@ from entropy_jax.sharding import data_sharding
 BOUNDS = ("row", "logits", "weights")
 ATTENTION_METRICS = ("attention_entropy", "attention_entropy_normalised",
                      *(f"attention_entropy_bound_{b}" for b in BOUNDS))
+# How ||Z||_2 and ||X||_2 in the bounds were taken (NORM_METHODS): "certified" upper bounds
+# (default, products only) or "exact" eigvalsh. Per example: 1.0 = exact, 0.0 = certified.
+EXACT_NORMS_KEY = "attention/exact_norms"
 
 
-def _head_bounds(z_TxT: jax.Array, x_TxD: jax.Array, kernels: tuple | None) -> jax.Array:
-    """Row-mean Theorem 3.1 bounds of one head and example for the three choices of s: (3,)."""
-    if kernels is None:  # no bilinear form W_Q W_K^T (rotary positions): the weights bound is undefined
-        b = attention_entropy_bounds(z_TxT, causal=True)
-        return jnp.stack([b["bound_row"].mean(), b["bound_logits"].mean(), jnp.asarray(jnp.nan, jnp.float32)])
-    w_q, w_k = kernels
-    b = attention_entropy_bounds(z_TxT, causal=True, w_q=w_q, w_k=w_k, x=x_TxD)
-    return jnp.stack([b[f"bound_{name}"].mean() for name in BOUNDS])
+def _spectral_norms(mats: jax.Array, norm: str) -> jax.Array:
+    """``||A||_2`` of every matrix in ``mats`` (..., m, n) by ``norm`` (see ``spectral_norm``).
 
-
-def _attention_stats(model, inter: dict) -> dict[str, jax.Array]:
-    """Per example, layer and head: row-mean entropy and bounds, each B x L x H.
-
-    The bounds take one spectral norm per head and example. They run under ``lax.map``, one
-    matrix at a time, never ``vmap``: a batched LAPACK call inside a program sharded over
-    several CPU devices deadlocks XLA:CPU (jaxlib's kernel spreads the batch over the
-    intra-op thread pool whose workers are all busy running the devices' programs, then
-    waits for itself). One matrix per call runs inline.
+    ``exact`` runs under ``lax.map``, one matrix at a time, never ``vmap``: a batched LAPACK
+    call inside a program sharded over several CPU devices deadlocks XLA:CPU (jaxlib's kernel
+    spreads the batch over the intra-op thread pool whose workers are all busy running the
+    devices' programs, then waits for itself). One matrix per call runs inline. ``certified``
+    is products only and vmaps.
     """
+    flat = mats.reshape(-1, *mats.shape[-2:])
+    if norm == "exact":
+        out = jax.lax.map(lambda a: spectral_norm(a, "exact"), flat)
+    else:
+        out = jax.vmap(spectral_norm_upper_bound)(flat)
+    return out.reshape(mats.shape[:-2])
+
+
+def _head_bounds(z_BxHxTxT: jax.Array, x_BxTxD: jax.Array, kernels: tuple | None, norm: str) -> jax.Array:
+    """Row-mean Theorem 3.1 bounds per example and head for the three choices of s: B x H x 3.
+
+    s per causal row i (T_i = i + 1 keys): ``row`` = ``||z_i||_2``; ``logits`` = ``||Z||_2`` of
+    the head's masked, zero-filled logits; ``weights`` = ``||W_K W_Q^T||_2 ||X||_2^2``, the
+    first taken once per head (exact, :func:`bilinear_form_norm`), the second once per example
+    (NaN without a bilinear form: rotary positions). ``norm`` chooses how ``||Z||_2`` and
+    ``||X||_2`` are taken: ``exact`` or ``certified`` (upper bounds: lower, still valid bounds).
+    """
+    t = z_BxHxTxT.shape[-1]
+    visible = causal_mask(t, t)
+    num_keys_T = jnp.arange(1, t + 1)
+    z_vis = jnp.where(visible, z_BxHxTxT, 0.0)
+    mean_bound = lambda s: jnp.mean(attention_entropy_lower_bound(s, num_keys_T), axis=-1)
+    bound_row = mean_bound(jnp.linalg.norm(z_vis, axis=-1))
+    bound_logits = mean_bound(_spectral_norms(z_vis, norm)[..., None])
+    if kernels is None:  # no bilinear form W_Q W_K^T (rotary positions): the weights bound is undefined
+        bound_weights = jnp.full_like(bound_logits, jnp.nan)
+    else:
+        w_norm_H = jax.lax.map(lambda wqk: bilinear_form_norm(*wqk), kernels)  # LAPACK: one head at a time
+        x_norm_B = _spectral_norms(x_BxTxD.astype(jnp.float32), norm)
+        bound_weights = mean_bound((x_norm_B[:, None] ** 2 * w_norm_H[None, :])[..., None])
+    return jnp.stack([bound_row, bound_logits, bound_weights], axis=-1)
+
+
+def _attention_stats(model, inter: dict, norm: str = "certified") -> dict[str, jax.Array]:
+    """Per example, layer and head: row-mean entropy and bounds, each B x L x H (see
+    :func:`_head_bounds`); ``attention/exact_norms`` per example: 1.0 where ``norm="exact"``
+    gave the spectral norms, 0.0 where certified upper bounds did."""
+    if norm not in NORM_METHODS:
+        raise ValueError(f"attention norm must be one of {NORM_METHODS}, got {norm!r}")
     per_layer = []
     for layer, (logits_BxHxTxT, x_BxTxD) in enumerate(zip(inter["attention_logits"], inter["attention_inputs"],
                                                            strict=True)):
         ent = jax.vmap(lambda z: attention_entropy(z[None], causal=True))(logits_BxHxTxT)
-        kernels = model.query_key_kernels(layer)
-        num_heads = logits_BxHxTxT.shape[1]
-
-        def per_example(args, kernels=kernels, num_heads=num_heads):
-            z_HxTxT, x_TxD = args
-            head = lambda h: _head_bounds(z_HxTxT[h], x_TxD, None if kernels is None else (kernels[0][h],
-                                                                                            kernels[1][h]))
-            return jax.lax.map(head, jnp.arange(num_heads))
-
-        bnd_BxHx3 = jax.lax.map(per_example, (logits_BxHxTxT, x_BxTxD))
+        bnd_BxHx3 = _head_bounds(logits_BxHxTxT, x_BxTxD, model.query_key_kernels(layer), norm)
         per_layer.append(jnp.concatenate(
             [ent["head"][..., None], ent["head_normalised"][..., None], bnd_BxHx3], axis=-1))
     stacked = jnp.stack(per_layer, axis=1)  # B x L x H x 5
-    return {f"attention/{k}": stacked[..., i] for i, k in enumerate(ATTENTION_METRICS)}
+    out = {f"attention/{k}": stacked[..., i] for i, k in enumerate(ATTENTION_METRICS)}
+    out[EXACT_NORMS_KEY] = jnp.full(stacked.shape[:1], float(norm == "exact"), jnp.float32)
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=0)
