@@ -6,9 +6,11 @@ loss on the answer tokens only (the prompt and the padding carry weight 0), stag
       --workdir=runs/sft
 Presets follow the pretraining presets of experiments/configs/pretrain.py (the model, vocabulary
 and sequence length must be the parent's):
-  tiny  For the tiny pretraining demo: in-context lookup of 4 key/value pairs over its V = 1024
-        vocabulary, 300 steps of 32 examples (lr 1e-3, 20 warmup steps). About half a minute on
-        2 CPU cores; the answer-token loss falls from about ln(1016) ~ 6.9 towards 0.
+  tiny  For the tiny pretraining demo: modular addition mod 10 over its V = 1024 vocabulary,
+        300 steps of 32 examples (lr 3e-3, 20 warmup steps); the answer loss falls from 2.63 to
+        2.25 nats (chance ln 10 = 2.30), so RLVR starts from a model that partly solves the task.
+        In-context lookup of 4 pairs (data.task=lookup, task_size=4) stays at chance (6.9 nats)
+        over 300 steps at this size.
   test  For the ``test`` pretraining preset (V = 64, 1-layer width 16): modular addition mod 5,
         40 steps; what the tests run.
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import ml_collections
 
 # Tasks per pretraining preset: (kind, size). Prompt + answer must fit seq_len + 1 tokens.
-TASKS = {"tiny": ("lookup", 4), "test": ("add", 5)}
+TASKS = {"tiny": ("add", 10), "test": ("add", 5)}
 STEPS = {"tiny": 300, "test": 40}
 
 
@@ -52,7 +54,7 @@ def posttrain_config(preset: str, stage: str, split: str) -> ml_collections.Conf
         data_seed=0, data_dir=c.data.data_dir,
     ))
     c.train.steps = STEPS[preset]
-    c.train.lr = 1e-3 if preset == "tiny" else 1e-2
+    c.train.lr = 3e-3 if preset == "tiny" else 1e-2
     c.train.warmup_steps = 20 if preset == "tiny" else 4
     c.train.end_lr = c.train.lr / 10
     c.train.weight_decay = 0.0
