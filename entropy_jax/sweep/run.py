@@ -123,15 +123,14 @@ def _save_spectra(path: Path, spectra: dict[str, np.ndarray], replace: bool = Fa
     _write_npz(path, spectra)
 
 
-def duplicate_rows(frame: Any, base: dict) -> list[dict]:
-    """A ``checkpoint / duplicate_of_step`` row, and a warning, when another step of the run already
-    in the table holds exactly these parameters (same ``ckpt_hash``): published revisions (Pythia,
-    OLMo branches) have served duplicated weights. Value: the earliest such step."""
-    same = frame[(frame["run"] == base["run"]) & (frame["ckpt_hash"] == base["ckpt_hash"])
-                 & (frame["step"] != base["step"])]
-    if same.empty:
+def duplicate_rows(meta: dict, base: dict) -> list[dict]:
+    """A ``checkpoint / duplicate_of_step`` row, and a warning, for a checkpoint whose metadata says
+    it holds exactly the parameters of an earlier step (``duplicate_of``, written by
+    experiments/import_hf.py, which hashes every imported revision: published Pythia and OLMo
+    branches have served duplicated weights). Value: that step."""
+    twin = meta.get("duplicate_of")
+    if twin is None:
         return []
-    twin = int(same["step"].min())
     logging.warning("step %d holds exactly the parameters of step %d (ckpt_hash %s): duplicated weights",
                     base["step"], twin, base["ckpt_hash"])
     return [{**base, "probe": "checkpoint", "layer": -1, "head": -1, "metric": "duplicate_of_step",
@@ -207,7 +206,7 @@ class Prober:
                 if key in missing:
                     rows.append({**base, "probe": key[0], "layer": key[1], "head": key[2], "metric": key[3],
                                  "value": value, "note": note})
-        rows += duplicate_rows(self.table.frame, base)
+        rows += duplicate_rows(meta, base)
         _save_spectra(self.workdir.spectra_file(step), ctx.spectra, replace=step in self._stale_steps)
         added = self.table.append(rows, self.probe_set_sha256) if is_writer() else 0
         self.report.rows_added += added
