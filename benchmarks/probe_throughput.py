@@ -214,11 +214,90 @@ def attention_memory(t: int, key_block: int = 512, dh: int = 64) -> None:
         print(f"  {name:<24} {mib:9.1f} MiB  {seconds:6.2f} s  mean row entropy {float(jnp.nanmean(out)):.6f}")
 
 
+def _attention_model(workdir: str | None, num_examples: int) -> tuple[Any, tuple, np.ndarray, str]:
+    """(graphdef, (params, model_state), tokens, label): a run's latest checkpoint and probe
+    sequences, or the ``small`` preset at initialisation on random tokens."""
+    import ml_collections
+
+    from entropy_jax import data
+    from entropy_jax.checkpoint import Checkpoints
+    from entropy_jax.models import ModelConfig, abstract_model, init_model, model_config
+    from entropy_jax.sharding import make_mesh
+
+    if workdir is None:
+        from experiments.configs.pretrain import get_config
+
+        cfg = get_config("small")
+        graphdef, params, model_state = init_model(model_config(cfg.model.to_dict(), cfg.data.vocab_size,
+                                                                cfg.train.seq_len), 0)
+        tokens = np.random.default_rng(3).integers(0, cfg.data.vocab_size, (num_examples, cfg.train.seq_len))
+        return graphdef, (params, model_state), tokens.astype(np.int32), "small preset at init"
+    ckpts = Checkpoints(workdir, read_only=True)
+    step = ckpts.all_steps()[-1]
+    meta = ckpts.read_meta(step)
+    graphdef, params, model_state = abstract_model(ModelConfig(**meta["model_config"]), make_mesh())
+    r = ckpts.restore(step, arrays={"params": params, "model_state": model_state})
+    ckpts.close()
+    cfg = ml_collections.ConfigDict(meta["config"])
+    tokens = data.probe_set(data.load_corpus(cfg.data, cfg.train.seq_len), cfg.probe_set.num_sequences)[0]
+    return graphdef, (r["params"], r["model_state"]), tokens[:num_examples], f"{workdir} step {step}"
+
+
+def attention_bound_rows(workdir: str | None, num_examples: int) -> None:
+    """Theorem 3.1 bounds with exact vs certified spectral norms: the sweep's attention pass
+    (median of 3 and spread, same run) and the looseness of s and of the row-mean bounds."""
+    import functools
+
+    from flax import nnx
+
+    from entropy_jax.probes.attention import spectral_norm_upper_bound
+    from entropy_jax.sharding import make_mesh
+    from entropy_jax.sweep import forward
+
+    graphdef, state, tokens, label = _attention_model(workdir, num_examples)
+
+    @functools.partial(jax.jit, static_argnums=(0, 3))
+    def stats(graphdef: Any, state: tuple, tokens: jax.Array, norm: str) -> tuple[dict, dict]:
+        model = nnx.merge(graphdef, *state)
+        _, inter = model(tokens, return_intermediates=True)
+        return forward._attention_stats(model, inter, norm), inter
+
+    mesh = make_mesh()
+    out, seconds = {}, {}
+    for norm in ("exact", "certified"):
+        fn = lambda g, s, t, norm=norm: stats(g, s, t, norm)[0]
+        forward._batched(fn, graphdef, state, tokens[: len(tokens) // 2 or 1], mesh, len(tokens))  # compile
+        run = lambda fn=fn: forward._batched(fn, graphdef, state, tokens, mesh, len(tokens))
+        runs = [measure(run) for _ in range(3)]
+        out[norm], seconds[norm] = runs[0][0], sorted(r[1] for r in runs)
+    print(f"\nattention bounds, {label}: {tokens.shape[0]} sequences x {tokens.shape[1]} tokens")
+    for norm, ts in seconds.items():
+        speedup = seconds["exact"][1] / ts[1]
+        print(f"  {norm:<10} {ts[1]:8.2f} s (spread {ts[0]:.2f}-{ts[2]:.2f}), exact / this {speedup:6.1f}x")
+    _, inter = jax.device_get(stats(graphdef, state, tokens[:16], "exact"))
+    t = tokens.shape[1]
+    z = np.concatenate([np.where(np.tril(np.ones((t, t), bool)), a, 0.0).reshape(-1, t, t)
+                        for a in inter["attention_logits"]]).astype(np.float32)
+    x = np.concatenate(inter["attention_inputs"]).astype(np.float32)
+    for name, mats, power in (("s_logits", z, 1), ("s_weights", x, 2)):  # s_weights = ||W_K W_Q^T|| ||X||^2
+        bound = np.asarray(jax.jit(jax.vmap(spectral_norm_upper_bound))(mats))
+        ratio = (bound / np.linalg.norm(mats.astype(np.float64), 2, axis=(1, 2))) ** power
+        print(f"  {name:<9} certified / exact (first 16 sequences): mean {ratio.mean():.4f}, worst {ratio.max():.4f}")
+    for name in ("logits", "weights"):
+        key = f"attention/attention_entropy_bound_{name}"
+        c, e = out["certified"][key], out["exact"][key]
+        r = c[e > 0] / e[e > 0]
+        print(f"  bound_{name:<8} exact mean {e.mean():.4f} nats, certified mean {c.mean():.4f} nats; "
+              f"certified / exact per head and sequence: mean {r.mean():.4f}, worst {r.min():.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="reduced sizes (well under a minute)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS/XLA threads (set before import)")
     parser.add_argument("--mesh", action="store_true", help="shard spectral_metrics over all devices")
+    parser.add_argument("--attention-workdir", default=None,
+                        help="attention bounds on this run's latest checkpoint (default: small preset at init)")
     args = parser.parse_args()
     mesh = None
     if args.mesh:
@@ -231,11 +310,13 @@ def main() -> None:
         dse_rows([1000, 2000], official_up_to=2000)
         dse_estimate_rows([2000], exact_up_to=2000)
         attention_memory(2048)
+        attention_bound_rows(args.attention_workdir, 16)
     else:
         spectral_rows([(2000, 128), (10_000, 512), (15_000, 2048)], mesh)
         dse_rows([1000, 2000, 5000, 10_000], official_up_to=10_000)
         dse_estimate_rows([5000, 10_000, 50_000], exact_up_to=10_000)
         attention_memory(8192)
+        attention_bound_rows(args.attention_workdir, 128)
 
 
 if __name__ == "__main__":
