@@ -22,15 +22,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-# Keys of the saved config that must match to resume into the same workdir.
-RESUME_KEYS = ("seed", "data", "model", "train.batch_size", "train.seq_len")
+from entropy_jax.errors import UserError
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
     """The workdir holds checkpoints made with an incompatible config."""
 
 
-class CheckpointReadError(RuntimeError):
+class CheckpointReadError(UserError, RuntimeError):
     """A checkpoint step exists but cannot be read (half-written or damaged)."""
 
 
@@ -76,25 +75,6 @@ def corpus_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         return []
     keys = sorted((set(saved) | set(current)) - {"sha256"})
     return [f"corpus.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
-
-
-def _lookup(cfg: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
-    return cfg
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences in the keys that must match for a resume."""
-    diffs = []
-    for key in RESUME_KEYS:
-        a, b = _lookup(saved, key), _lookup(current, key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                      if a.get(k) != b.get(k)]
-        elif a != b:
-            diffs.append(f"{key}: {a!r} -> {b!r}")
-    return diffs
 
 
 @dataclasses.dataclass

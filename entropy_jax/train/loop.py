@@ -39,11 +39,11 @@ from entropy_jax import data
 from entropy_jax.checkpoint import (
     Checkpoints,
     ConfigMismatchError,
-    config_differences,
     corpus_differences,
     corpus_fingerprint,
     is_save_step,
 )
+from entropy_jax.config import resume_differences
 from entropy_jax.models import ModelConfig, abstract_like, abstract_model, init_model, model_config
 from entropy_jax.sharding import is_writer, make_mesh, replicated, shard_batch
 from entropy_jax.train.losses import make_loss
@@ -187,15 +187,15 @@ class _Run:
 
     def check_resumable(self, step: int, saved: dict) -> None:
         """Refuse a resume whose config or corpus differs from the checkpoint's, naming the differences."""
-        diffs = config_differences(saved["config"], self.cfg.to_dict())
+        diffs = [str(d) for d in resume_differences(saved["config"], self.cfg.to_dict())]
         if "corpus" in saved or "corpus_fingerprint" in saved:
             saved_corpus = saved.get("corpus_fingerprint") or corpus_fingerprint(saved["corpus"])
             diffs += corpus_differences(saved_corpus, corpus_fingerprint(self.corpus.info))
         if diffs:
             raise ConfigMismatchError(
                 f"{self.ckpts.directory} holds checkpoints (latest step {step}) of a different config or "
-                "corpus: " + "; ".join(diffs) + ". Use a new --workdir, or rerun with the saved config and "
-                "corpus to resume."
+                "corpus: " + "; ".join(diffs) + ". To resume that run, rerun with its saved config (in "
+                f"checkpoint {step}'s meta) and corpus; to start another run, use a new --workdir."
             )
 
     def keep_earlier_checkpoints(self, saved: dict) -> None:
