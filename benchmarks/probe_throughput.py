@@ -23,6 +23,7 @@ Measured 2026-11-28, one thread, 2-core VM shared with other jobs (load ~3-5):
       LayerNorm-like D=32, N=5000: median sigma exact 3.18272 / slq 3.16876 bits (-0.44%, stderr
       0.013), exact 453 s / slq 84 s; sigma 10: 0.15509 / 0.15506 (-0.02%); N=10000 median sigma:
       exact 3.18333 / slq 3.17025 (-0.41%, stderr 0.016), exact 812 s, 825 MiB / slq 170 s, 85 MiB;
+      sigma 10: exact 0.13315 / slq 0.13323 (+0.06%), exact 442 s / slq 114 s;
       Gaussian D=128, N=10000, sigma 10: exact 8.73957 / slq 8.71732 (-0.25%, stderr 0.043), slq 58 CPU s;
       N=50000 D=32: one kernel pass 24 CPU s (35 per estimate), peak RSS 0.5 GB
 """
