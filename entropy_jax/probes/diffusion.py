@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from entropy_jax.probes.lapack import symmetric_eigvalsh_inplace
 from entropy_jax.probes.stats import check_matrix
-from entropy_jax.sharding import DATA_AXIS, data_sharding
+from entropy_jax.sharding import DATA_AXIS, data_sharding, replicated
 
 FLOAT64_EPS = float(np.finfo(np.float64).eps)  # the official code adds this to every probability
 
@@ -57,7 +57,9 @@ def _gaussian_rows_sharded(mesh: Mesh) -> Callable[..., jax.Array]:
         return jnp.exp(-jnp.maximum(d2, 0.0) / (2.0 * sigma**2))
 
     spec = P(DATA_AXIS)
-    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, P(), P()), out_specs=spec))
+    # Replicated out: every process can read the block (a row block spans other processes' devices).
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, P(), P()), out_specs=spec),
+                   out_shardings=replicated(mesh))
 
 
 def gaussian_kernel(x: np.ndarray, sigma: float, *, mesh: Mesh | None = None, block: int = 1024) -> np.ndarray:
@@ -76,12 +78,12 @@ def gaussian_kernel(x: np.ndarray, sigma: float, *, mesh: Mesh | None = None, bl
     rows = block * mesh.shape[DATA_AXIS]
     fn = _gaussian_rows_sharded(mesh)
     with jax.enable_x64(True):
-        x_dev = jnp.asarray(x)
-        sig = jnp.asarray(sigma, jnp.float64)
+        x_all = jax.device_put(np.asarray(x, np.float64), replicated(mesh))
+        sig = jax.device_put(np.float64(sigma), replicated(mesh))
         for r0 in range(0, n, rows):
             xq = x[r0 : r0 + rows]
             xq = np.concatenate([xq, np.zeros((rows - len(xq), x.shape[1]))]) if len(xq) < rows else xq
-            blk = fn(jax.device_put(xq, data_sharding(mesh)), x_dev, sig)
+            blk = fn(jax.device_put(xq, data_sharding(mesh)), x_all, sig)
             out[r0 : r0 + rows] = np.asarray(blk)[: min(rows, n - r0)]
     return out
 
