@@ -19,6 +19,9 @@ Measured 2026-11-28, one thread, 2-core VM shared with other jobs (load ~3-5):
       (15.7-16.5x), (b) 1.89-2.60 s (1.00-1.34x), (b+) 3.55-4.58 s (1.89-2.36x), rel diff 1e-13
   DSE N=10k: ours 51.9 s / 839 MiB, official 189.5 s / 3827 MiB (3.65x), |diff| 0 bits
   attention entropy T=8192: dense 512 MiB, blocked (512 keys) 34 MiB
+  attention bounds, 2026-11-29, load ~15: small preset at init, 32 x 256 tokens: exact 206 s,
+      certified 2.93 s (70x); tiny run step 3000 (--attention-workdir), 128 x 64: exact 31.0 s,
+      certified 0.99 s (31x); s certified / exact: logits mean 1.0007 worst 1.0092, weights 1.0001
   DSE estimate (SLQ) vs exact, 2026-11-29, 2-core VM under load 12-19 (wall times inflated):
       LayerNorm-like D=32, N=5000: median sigma exact 3.18272 / slq 3.16876 bits (-0.44%, stderr
       0.013), exact 453 s / slq 84 s; sigma 10: 0.15509 / 0.15506 (-0.02%); N=10000 median sigma:
