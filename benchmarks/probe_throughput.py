@@ -291,8 +291,9 @@ def attention_bound_rows(workdir: str | None, num_examples: int) -> None:
         key = f"attention/attention_entropy_bound_{name}"
         c, e = out["certified"][key], out["exact"][key]
         r = c[e > 0] / e[e > 0]
+        ratios = f"mean {r.mean():.4f}, worst {r.min():.4f}" if r.size else "none (every exact bound is 0)"
         print(f"  bound_{name:<8} exact mean {e.mean():.4f} nats, certified mean {c.mean():.4f} nats; "
-              f"certified / exact per head and sequence: mean {r.mean():.4f}, worst {r.min():.4f}")
+              f"certified / exact per head and sequence: {ratios}")
 
 
 def main() -> None:
