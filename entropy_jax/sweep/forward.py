@@ -119,11 +119,11 @@ def _representations(graphdef: nnx.GraphDef, state: tuple, tokens_BxT: jax.Array
     }
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _attention(graphdef: nnx.GraphDef, state: tuple, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _attention(graphdef: nnx.GraphDef, state: tuple, tokens_BxT: jax.Array, norm: str) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, *state)
     _, inter = model(tokens_BxT, return_intermediates=True)
-    return _attention_stats(model, inter)
+    return _attention_stats(model, inter, norm)
 
 
 def to_host(tree):
@@ -152,13 +152,15 @@ def _batched(fn, graphdef, state, tokens: np.ndarray, mesh: jax.sharding.Mesh, b
 
 def probe_forward(
     graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, tokens: np.ndarray,
-    mesh: jax.sharding.Mesh, batch_size: int, attention_examples: int = 0,
+    mesh: jax.sharding.Mesh, batch_size: int, attention_examples: int = 0, attention_norm: str = "certified",
 ) -> dict[str, np.ndarray]:
     """Representations and predictive entropies of all ``tokens`` (M x T); attention statistics of
-    the first ``attention_examples`` sequences only (0: none). The bounds need a T x T spectral
-    norm per head and example, O(T^3): at T = 256 that is ~6 ms each on a CPU core."""
+    the first ``attention_examples`` sequences only (0: none). ``attention_norm``: how the bounds'
+    spectral norms are taken, "certified" upper bounds (matrix products, O(T^2) per head and
+    example) or "exact" eigenvalues (O(T^3), one LAPACK call at a time)."""
     state = (params, model_state)
     out = _batched(_representations, graphdef, state, tokens, mesh, batch_size)
     if attention_examples:
-        out |= _batched(_attention, graphdef, state, tokens[:attention_examples], mesh, batch_size)
+        attention = functools.partial(_attention, norm=attention_norm)
+        out |= _batched(attention, graphdef, state, tokens[:attention_examples], mesh, batch_size)
     return out

@@ -196,7 +196,9 @@ class Prober:
               todo: dict[str, set], ckpt_hash: str | None = None) -> int:
         """Compute the ``todo`` rows of one checkpoint and append them; returns the rows added."""
         attention = self.attention_examples if any(self.evaluators[n].needs_attention for n in todo) else 0
-        out = probe_forward(self.graphdef, params, model_state, self.tokens, self.mesh, self.batch_size, attention)
+        norm = next((e.norm for e in self.evaluators.values() if e.needs_attention), "certified")
+        out = probe_forward(self.graphdef, params, model_state, self.tokens, self.mesh, self.batch_size, attention,
+                            norm)
         ctx = Context(forward=out, params=params, mesh=self.mesh, spectra={})
         base = {"run": self.run_id, "stage": meta["stage"], "step": step, "tokens_seen": meta["tokens_seen"],
                 "ckpt_hash": ckpt_hash or params_hash(params)}
@@ -213,6 +215,24 @@ class Prober:
         self.report.probed_steps.append(step)
         logging.info("probed step %d (%d tokens): %d rows -> %s", step, meta["tokens_seen"], added, self.table.path)
         return added
+
+
+def non_finite_params(params: Any) -> list[str]:
+    """Paths of the parameter arrays holding NaN or Inf (empty when all are finite)."""
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
+    return [jax.tree_util.keystr(path) for path, leaf in flat if not np.isfinite(np.asarray(leaf)).all()]
+
+
+def _newest_readable_meta(ckpts: Checkpoints, steps: list[int]) -> dict:
+    """The metadata of the newest checkpoint whose metadata reads (a damaged newest step is
+    reported by the sweep itself and must not stop it)."""
+    for step in reversed(steps):
+        try:
+            return ckpts.read_meta(step)
+        except CheckpointReadError as e:
+            logging.warning("metadata of step %d unreadable, using an earlier step's: %s", step, e)
+    raise CheckpointReadError(f"no checkpoint in {ckpts.directory} has readable metadata (steps {steps}); "
+                              "the checkpoints are damaged: retrain, or restore them from a copy")
 
 
 def sweep(workdir: str | Path, probe_config: ml_collections.ConfigDict | None = None,
@@ -234,7 +254,7 @@ def _sweep(wd: Workdir, probe_config: ml_collections.ConfigDict | None, mesh: ja
         steps = ckpts.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoints in {ckpts.directory}: train first (experiments/pretrain.py)")
-        meta = ckpts.read_meta(steps[-1])
+        meta = _newest_readable_meta(ckpts, steps)
         cfg = ml_collections.ConfigDict(meta["config"])
         if probe_config is not None:
             cfg.probe_set, cfg.probes = probe_config.probe_set, probe_config.probes
@@ -247,6 +267,13 @@ def _sweep(wd: Workdir, probe_config: ml_collections.ConfigDict | None, mesh: ja
                 if todo:
                     r = ckpts.restore(step, arrays={"params": prober.params_target,
                                                     "model_state": prober.model_state_target})
+                    bad = non_finite_params(r["params"])
+                    if bad:
+                        reason = (f"parameters are not finite ({len(bad)} arrays with NaN/Inf, e.g. {bad[0]}): "
+                                  "the run diverged at or before this step; nothing probed")
+                        logging.warning("skipping step %d: %s", step, reason)
+                        prober.report.skipped.append((step, reason))
+                        continue
                     prober.probe(step, step_meta, r["params"], r["model_state"], todo)
             except CheckpointReadError as e:
                 logging.error("skipping step %d: %s", step, e)

@@ -117,7 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Final layer after the final norm, last token: the Tracing paper's probe.
     c.probes.last_token = representation_probe("last")
     c.probes.mean_token = representation_probe("mean")
-    c.probes.attention = dict(type="attention", num_examples=128)  # bounds cost O(T^3) per head and sequence
+    # norm="certified": upper bounds on the bounds' spectral norms, O(T^2); "exact": eigenvalues, O(T^3)
+    c.probes.attention = dict(type="attention", num_examples=128, norm="certified")
     c.probes.weights = dict(type="weights")
     c.probes.output = dict(type="output")
     return c
