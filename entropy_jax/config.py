@@ -137,6 +137,7 @@ class TrainConfig:
     loss: dict = dataclasses.field(default_factory=lambda: {"name": "next_token"})
     probe_every: int = -1
     tensorboard: bool = False
+    kappatune: int = 0  # > 0: train only this many lowest-condition-number matrices (KappaTune)
 
     def __post_init__(self):
         problems: list[str] = []
@@ -154,6 +155,7 @@ class TrainConfig:
         _at_least(problems, "train.grad_clip", self.grad_clip, 0, "0 disables clipping")
         _at_least(problems, "train.log_every", self.log_every, 1, "steps between rows of metrics.jsonl")
         _at_least(problems, "train.probe_every", self.probe_every, -1, "-1 every checkpoint, 0 never, N every N")
+        _at_least(problems, "train.kappatune", self.kappatune, 0, "0 trains every matrix")
         if not isinstance(self.loss.get("name"), str):
             problems.append(f"train.loss={self.loss} needs a name (e.g. dict(name='next_token'))")
         _raise(problems)

@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Probes with in_training=True run inside training: -1 at every checkpoint, 0 never, N every N steps.
     c.train.probe_every = -1
     c.train.tensorboard = False  # also write TensorBoard scalars (needs tensorboardX)
+    c.train.kappatune = 0  # > 0: update only the N weight matrices of lowest condition number (KappaTune)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.dense_until = 512  # save at every power of two up to here (and step 0)...
