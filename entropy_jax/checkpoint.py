@@ -89,6 +89,17 @@ class _Retention(ocp.checkpoint_managers.PreservationPolicy):
         return [i >= n - self.max_to_keep or c.step in self.protected for i, c in enumerate(checkpoints)]
 
 
+def saved_steps(workdir: str | Path) -> list[int]:
+    """Checkpoint steps in ``workdir`` (read-only; [] when it has none)."""
+    if not (Path(workdir) / "checkpoints").is_dir():
+        return []
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        return ckpts.all_steps()
+    finally:
+        ckpts.close()
+
+
 class Checkpoints:
     """A thin wrapper over one ``ocp.CheckpointManager`` at ``workdir/checkpoints``.
 

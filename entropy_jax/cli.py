@@ -27,7 +27,7 @@ from absl import logging as absl_logging
 from ml_collections import config_dict, config_flags
 
 from entropy_jax import sweep, train, validate
-from entropy_jax.checkpoint import CheckpointReadError, ConfigMismatchError
+from entropy_jax.checkpoint import CheckpointReadError, ConfigMismatchError, saved_steps
 from entropy_jax.errors import UserError, did_you_mean
 from entropy_jax.sharding import initialize_distributed
 from entropy_jax.train.loop import TrainingInterrupted
@@ -217,7 +217,7 @@ def finished_result(workdir: Path, step: int, meta: dict) -> train.TrainResult:
     wd = Workdir(workdir)
     rows = read_metrics(wd.metrics) if wd.metrics.exists() else []
     loss = rows[-1]["loss"] if rows and rows[-1]["step"] == step else None
-    return train.TrainResult(wd.root, step, loss, meta.get("entropy_rate"), validate.saved_steps(wd.root), step)
+    return train.TrainResult(wd.root, step, loss, meta.get("entropy_rate"), saved_steps(wd.root), step)
 
 
 def train_with_probes(cfg, workdir) -> train.TrainResult:

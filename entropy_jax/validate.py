@@ -22,7 +22,7 @@ import ml_collections
 from entropy_jax import data
 from entropy_jax.analysis.plots import default_probe
 from entropy_jax.analysis.results import load_results
-from entropy_jax.checkpoint import Checkpoints
+from entropy_jax.checkpoint import Checkpoints, saved_steps
 from entropy_jax.config import (
     CheckpointConfig,
     DataConfig,
@@ -185,17 +185,6 @@ def check_writable(path: Path, what: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK if existing.is_dir() else os.W_OK):
         raise UserError(f"{existing} is read-only, but {what} writes there: make it writable or use another "
                         "--workdir")
-
-
-def saved_steps(workdir: Path) -> list[int]:
-    """Checkpoint steps in ``workdir`` (read-only; [] when it has none)."""
-    if not (workdir / "checkpoints").is_dir():
-        return []
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
-        return ckpts.all_steps()
-    finally:
-        ckpts.close()
 
 
 def check_resume(cfg: ml_collections.ConfigDict, workdir: Path) -> tuple[int, dict] | None:

@@ -70,17 +70,24 @@ def make_train_iterator(
     reads only its own ``batch_size // process_count`` consecutive rows of each (process i: rows
     ``[i b, (i + 1) b)``, the rows its devices hold), {"inputs": int32 [b, T], "targets": int32 [b, T]}.
     """
+    ds = local_batch_indices(len(corpus.train), batch_size, seed, process_index, process_count, "training sequences")
+    return iter(ds.map(_ReadBatch(corpus.train, corpus.seq_len)).to_iter_dataset(_READ_OPTIONS))
+
+
+def local_batch_indices(num_records: int, batch_size: int, seed: int, process_index: int | None = None,
+                        process_count: int | None = None, what: str = "records") -> grain.MapDataset:
+    """Record indices of this process's rows of every global batch: seeded shuffle (reshuffled each
+    epoch), infinite repeat, global batches of ``batch_size``, rows ``[i b, (i + 1) b)`` for process i
+    (``b = batch_size // process_count``, the rows its devices hold)."""
     count = jax.process_count() if process_count is None else process_count
     index = jax.process_index() if process_index is None else process_index
     if batch_size % count:
         raise ValueError(f"global batch {batch_size} is not divisible by {count} processes")
     local = batch_size // count
-    if len(corpus.train) < batch_size:
-        raise ValueError(f"{len(corpus.train)} training sequences, fewer than a batch of {batch_size}")
-    ds = grain.MapDataset.range(len(corpus.train)).shuffle(seed=seed % 2**32).repeat(None)
-    ds = ds.batch(batch_size, drop_remainder=True).map(lambda idx: idx[index * local:(index + 1) * local])
-    ds = ds.map(_ReadBatch(corpus.train, corpus.seq_len))
-    return iter(ds.to_iter_dataset(_READ_OPTIONS))
+    if num_records < batch_size:
+        raise ValueError(f"{num_records} {what}, fewer than a batch of {batch_size}")
+    ds = grain.MapDataset.range(num_records).shuffle(seed=seed % 2**32).repeat(None)
+    return ds.batch(batch_size, drop_remainder=True).map(lambda idx: idx[index * local:(index + 1) * local])
 
 
 def probe_set(corpus: CorpusLike, num_sequences: int) -> tuple[np.ndarray, str]:

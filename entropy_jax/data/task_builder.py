@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from entropy_jax.data.pipeline import local_batch_indices
 from entropy_jax.data.tasks import SPLITS, TaskParams, generate, sequences
 from entropy_jax.errors import UserError
 
@@ -146,12 +147,7 @@ def make_task_iterator(corpus: TaskCorpus, batch_size: int, seed: int, *, proces
     ``corpus.split`` (``get_state``/``set_state`` resume exactly, as for the pretraining corpora)."""
     count = jax.process_count() if process_count is None else process_count
     index = jax.process_index() if process_index is None else process_index
-    if batch_size % count:
-        raise ValueError(f"global batch {batch_size} is not divisible by {count} processes")
+    ds = local_batch_indices(len(corpus.train), batch_size, seed, index, count, f"{corpus.split} examples")
     local = batch_size // count
-    if len(corpus.train) < batch_size:
-        raise ValueError(f"{len(corpus.train)} {corpus.split} examples, fewer than a batch of {batch_size}")
-    ds = grain.MapDataset.range(len(corpus.train)).shuffle(seed=seed % 2**32).repeat(None)
-    ds = ds.batch(batch_size, drop_remainder=True).map(lambda idx: idx[index * local:(index + 1) * local])
     ds = ds.map_with_index(_ReadTaskBatch(corpus, local, index * local))
     return iter(ds.to_iter_dataset(_READ_OPTIONS))

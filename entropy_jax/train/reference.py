@@ -13,20 +13,10 @@ from pathlib import Path
 import ml_collections
 from flax import nnx
 
-from entropy_jax.checkpoint import Checkpoints
+from entropy_jax.checkpoint import Checkpoints, saved_steps
 from entropy_jax.errors import UserError
 from entropy_jax.models import ModelConfig, abstract_model
 from entropy_jax.sharding import make_mesh
-
-
-def _steps(workdir: str | Path) -> list[int]:
-    if not (Path(workdir) / "checkpoints").is_dir():
-        return []
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
-        return ckpts.all_steps()
-    finally:
-        ckpts.close()
 
 
 def _read_meta(workdir: str | Path, step: int) -> dict:
@@ -44,14 +34,14 @@ def init_checkpoint(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tupl
     with step -1 resolved to the parent's latest checkpoint. Raises UserError for an
     ``init_from.workdir`` without checkpoints.
     """
-    own = _steps(workdir)
+    own = saved_steps(workdir)
     if own:
         parent = _read_meta(workdir, own[-1]).get("parent")
         return None if parent is None else (parent["workdir"], int(parent["step"]))
     parent_dir = cfg.init_from.workdir
     if not parent_dir:
         return None
-    steps = _steps(parent_dir)
+    steps = saved_steps(parent_dir)
     if not steps:
         raise UserError(f"init_from.workdir={parent_dir} holds no checkpoints: give a trained run's folder")
     step = steps[-1] if cfg.init_from.step < 0 else int(cfg.init_from.step)
@@ -70,7 +60,7 @@ def resolve_reference(cfg: ml_collections.ConfigDict, workdir: str | Path) -> No
 
 def load_reference(workdir: str | Path, step: int) -> nnx.State:
     """Parameters of checkpoint ``step`` of ``workdir`` (``step`` -1: the latest), replicated over all devices."""
-    steps = _steps(workdir)
+    steps = saved_steps(workdir)
     if not steps:
         raise UserError(f"the reference workdir {workdir} holds no checkpoints")
     step = steps[-1] if step < 0 else step
