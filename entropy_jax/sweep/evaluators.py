@@ -180,7 +180,7 @@ class Attention(Evaluator):
             for layer, heads in enumerate(per_head, start=1):
                 note = f"norm={used}" if metric in self._NORM_BOUNDS else ""
                 if not np.isfinite(heads).all():
-                    note = "no bilinear form W_Q W_K^T (rotary positions)"
+                    note = "no bilinear form W_Q W_K^T (rotary positions or attention biases)"
                 yield (self.name, layer, -1, metric), float(np.mean(heads)), note
                 for h, v in enumerate(heads):
                     yield (self.name, layer, h, metric), float(v), note

@@ -68,7 +68,7 @@ def _head_bounds(z_BxHxTxT: jax.Array, x_BxTxD: jax.Array, kernels: tuple | None
     s per causal row i (T_i = i + 1 keys): ``row`` = ``||z_i||_2``; ``logits`` = ``||Z||_2`` of
     the head's masked, zero-filled logits; ``weights`` = ``||W_K W_Q^T||_2 ||X||_2^2``, the
     first taken once per head (exact, :func:`bilinear_form_norm`), the second once per example
-    (NaN without a bilinear form: rotary positions). ``norm`` chooses how ``||Z||_2`` and
+    (NaN without a bilinear form: rotary positions or attention biases). ``norm`` chooses how ``||Z||_2`` and
     ``||X||_2`` are taken: ``exact`` or ``certified`` (upper bounds: lower, still valid bounds).
     """
     t = z_BxHxTxT.shape[-1]
@@ -78,7 +78,7 @@ def _head_bounds(z_BxHxTxT: jax.Array, x_BxTxD: jax.Array, kernels: tuple | None
     mean_bound = lambda s: jnp.mean(attention_entropy_lower_bound(s, num_keys_T), axis=-1)
     bound_row = mean_bound(jnp.linalg.norm(z_vis, axis=-1))
     bound_logits = mean_bound(_spectral_norms(z_vis, norm)[..., None])
-    if kernels is None:  # no bilinear form W_Q W_K^T (rotary positions): the weights bound is undefined
+    if kernels is None:  # no bilinear form W_Q W_K^T (rotary positions, attention biases): no weights bound
         bound_weights = jnp.full_like(bound_logits, jnp.nan)
     else:
         w_norm_H = jax.lax.map(lambda wqk: bilinear_form_norm(*wqk), kernels)  # LAPACK: one head at a time
