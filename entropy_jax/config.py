@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from entropy_jax.data import VALID_NAMES, data_dir_of, synthetic_params
-from entropy_jax.data.builders import SYNTHETIC_KINDS
+from entropy_jax.data.builders import SYNTHETIC_KINDS, SyntheticParams
 from entropy_jax.data.text import PUBLISHED_TEXT
 from entropy_jax.errors import UserError, did_you_mean
 from entropy_jax.models import ModelConfig
@@ -64,21 +64,24 @@ def _at_least(problems: list[str], key: str, value: float, low: float, meaning: 
         problems.append(f"{key}={value} must be >= {low:g}" + (f" ({meaning})" if meaning else ""))
 
 
+_SYNTHETIC = SyntheticParams()  # the data layer's defaults: what a key missing from a saved config meant
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """``config.data``: which corpus (see :func:`entropy_jax.data.load_corpus`). Defaults are the
     data layer's own, i.e. what a key missing from an older saved config meant."""
 
-    name: str = "markov"
-    vocab_size: int = 1024
-    zipf_exponent: float = 1.1
-    order: int = 1
-    successors: int = 8
-    num_topics: int = 1
-    uniform: bool = False
-    num_train: int = 100_000
-    num_val: int = 2_048
-    data_seed: int = 0
+    name: str = _SYNTHETIC.kind
+    vocab_size: int = _SYNTHETIC.vocab_size
+    zipf_exponent: float = _SYNTHETIC.zipf_exponent
+    order: int = _SYNTHETIC.order
+    successors: int = _SYNTHETIC.successors
+    num_topics: int = _SYNTHETIC.num_topics
+    uniform: bool = _SYNTHETIC.uniform
+    num_train: int = _SYNTHETIC.num_train
+    num_val: int = _SYNTHETIC.num_val
+    data_seed: int = _SYNTHETIC.seed
     data_dir: str = ""
     text_dir: str = ""
     download: bool = True
