@@ -153,11 +153,12 @@ run_stage({stage!r}, {data_dir!r}, {parent!r}, {workdir!r})
 """
 
 
-def test_sft_resumes_exactly_after_sigkill(chain, tmp_path, data_dir):
+@pytest.mark.parametrize("stage,parent", [("sft", "pretrain"), ("dpo", "sft"), ("rlvr", "dpo")])
+def test_stage_resumes_exactly_after_sigkill(chain, tmp_path, data_dir, stage, parent):
     workdirs, configs = chain
-    workdir = tmp_path / "sft"
-    code = _KILLABLE.format(repo=str(REPO), tests=str(REPO / "tests"), stage="sft", data_dir=str(data_dir),
-                            parent=str(workdirs["pretrain"]), workdir=str(workdir))
+    workdir = tmp_path / stage
+    code = _KILLABLE.format(repo=str(REPO), tests=str(REPO / "tests"), stage=stage, data_dir=str(data_dir),
+                            parent=str(workdirs[parent]), workdir=str(workdir))
     log = tmp_path / "stage.log"  # a file, not a pipe: a full pipe would block the chatty child
 
     def run():
@@ -167,11 +168,14 @@ def test_sft_resumes_exactly_after_sigkill(chain, tmp_path, data_dir):
     kill_when_exists(run(), workdir / "checkpoints" / "8")
     assert run().wait(timeout=300) == 0, log.read_text()[-3000:]
     assert "resumed from step 8" in log.read_text()
-    assert [r["loss"] for r in read_metrics(workdir / "metrics.jsonl")] == [
-        r["loss"] for r in read_metrics(workdirs["sft"] / "metrics.jsonl")]
-    steps = configs["sft"].train.steps
-    assert_trees_equal(restore_params(configs["sft"], workdir, steps),
-                       restore_params(configs["sft"], workdirs["sft"], steps))
+    resumed, uninterrupted = (read_metrics(w / "metrics.jsonl") for w in (workdir, workdirs[stage]))
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
+    for key in resumed[-1]:  # the stage's own metrics too (margin, accuracy, reward, KL)
+        if key not in ("steps_per_sec", "tokens_per_sec"):  # wall-clock rates differ run to run
+            assert [r.get(key) for r in resumed] == [r.get(key) for r in uninterrupted], key
+    steps = configs[stage].train.steps
+    assert_trees_equal(restore_params(configs[stage], workdir, steps),
+                       restore_params(configs[stage], workdirs[stage], steps))
 
 
 def test_sweep_over_the_linked_workdirs_gives_one_table_in_stage_order(chain, tmp_path):
