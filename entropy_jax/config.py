@@ -117,6 +117,12 @@ class DataConfig:
     def synthetic(self) -> bool:
         return self.name in SYNTHETIC_KINDS
 
+    @property
+    def model_vocab_size(self) -> int:
+        """The vocabulary a model of this data has: ``vocab_size`` for the synthetic corpora and the
+        tasks (which share their pretraining vocabulary), 256 for the byte-level text corpora."""
+        return self.vocab_size if self.synthetic or self.name == "tasks" else 256
+
     @classmethod
     def from_dict(cls, section: Any) -> DataConfig:
         return _from_dict(cls, section, "data")

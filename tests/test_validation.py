@@ -244,3 +244,13 @@ def test_entry_points_refuse_bad_input_with_one_line(tmp_path, data_dir, tiny_ru
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plotted"]
     assert not (tmp_path / "plotted" / "plots").exists()
     assert np.isfinite(read_metrics(trained / "metrics.jsonl")[-1]["loss"])
+
+
+@pytest.mark.parametrize("name,expected", [("markov", 96), ("tasks", 96), ("text_folder", 256)])
+def test_the_model_is_checked_with_the_vocabulary_training_builds(name, expected, data_dir):
+    """Synthetic corpora and tasks keep data.vocab_size; the byte-level text corpora have 256 tokens."""
+    section = {"name": name, "vocab_size": 96, "text_dir": str(data_dir)}
+    assert DataConfig.from_dict(section).model_vocab_size == expected
+    if name != "text_folder":
+        corpus = load_corpus(make_test_config(data_dir, **{"data.name": name, "data.vocab_size": 96}).data, 16)
+        assert corpus.vocab_size == expected
