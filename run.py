@@ -38,7 +38,7 @@ from entropy_jax.train.reference import prepare_stage
 
 CONFIGS = Path(__file__).parent / "experiments" / "configs"
 POST_STAGES = ("sft", "dpo", "rlvr")
-POST_PRESETS = ("tiny", "test")
+POST_PRESETS = ("tiny", "small", "test")
 cli.define_config_flag(
     str(CONFIGS / "pretrain.py") + ":tiny",
     "Config file and preset (default: the tiny demo); keys overridable as --config.train.steps=N.",
@@ -76,6 +76,7 @@ def run_stages(pretrain_cfg, workdir: Path, stages: list[str], preset: str) -> t
         parent = workdirs[-1]
         stage_cfg = cli.load_config_file(f"{CONFIGS / stage}.py:{preset}")
         stage_cfg.data.data_dir = cfg.data.data_dir
+        stage_cfg.seed = pretrain_cfg.seed  # --config.seed=N gives the whole lifecycle seed N
         stage_cfg.init_from.workdir = str(parent)
         stage_dir = validate.workdir_path(f"{workdir}-{stage}")
         prepare_stage(stage_cfg, stage_dir)

@@ -11,6 +11,8 @@ and sequence length must be the parent's):
         2.25 nats (chance ln 10 = 2.30), so RLVR starts from a model that partly solves the task.
         In-context lookup of 4 pairs (data.task=lookup, task_size=4) stays at chance (6.9 nats)
         over 300 steps at this size.
+  small For the small pretraining preset (4 layers, width 128, V = 1024, T 256): the tiny preset's
+        task and schedule.
   test  For the ``test`` pretraining preset (V = 64, 1-layer width 16): modular addition mod 5,
         40 steps; what the tests run.
 
@@ -26,8 +28,8 @@ from pathlib import Path
 import ml_collections
 
 # Tasks per pretraining preset: (kind, size). Prompt + answer must fit seq_len + 1 tokens.
-TASKS = {"tiny": ("add", 10), "test": ("add", 5)}
-STEPS = {"tiny": 300, "test": 40}
+TASKS = {"tiny": ("add", 10), "small": ("add", 10), "test": ("add", 5)}
+STEPS = {"tiny": 300, "small": 300, "test": 40}
 
 
 def _pretrain_config(preset: str) -> ml_collections.ConfigDict:
@@ -50,12 +52,12 @@ def posttrain_config(preset: str, stage: str, split: str) -> ml_collections.Conf
         name="tasks", task=kind, task_size=size, split=split,  # entropy_jax.data.tasks
         vocab_size=c.data.vocab_size,  # the pretraining vocabulary: tasks use its ids
         # num_val >= the probe set's size: the config check compares them (the probes use the lineage root's data)
-        num_train=20_000 if preset == "tiny" else 1_024, num_val=c.probe_set.num_sequences,
+        num_train=1_024 if preset == "test" else 20_000, num_val=c.probe_set.num_sequences,
         data_seed=0, data_dir=c.data.data_dir,
     ))
     c.train.steps = STEPS[preset]
-    c.train.lr = 3e-3 if preset == "tiny" else 1e-2
-    c.train.warmup_steps = 20 if preset == "tiny" else 4
+    c.train.lr = 1e-2 if preset == "test" else 3e-3
+    c.train.warmup_steps = 4 if preset == "test" else 20
     c.train.end_lr = c.train.lr / 10
     c.train.weight_decay = 0.0
     c.train.loss = ml_collections.ConfigDict(dict(name="next_token", skip_first=0))
