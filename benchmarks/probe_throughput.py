@@ -1,7 +1,7 @@
 """Probe throughput and memory against plain numpy float64 baselines, measured in one run.
 
   python benchmarks/probe_throughput.py            # full table (several minutes: official DSE at 10k)
-  python benchmarks/probe_throughput.py --quick    # reduced sizes, well under a minute
+  python benchmarks/probe_throughput.py --quick    # reduced sizes (about 1.5 CPU minutes)
 
 Threads are pinned to ``--threads`` (default 1) for BLAS and XLA before anything is imported,
 so the ratios compare algorithms, not core counts. Baselines:
@@ -11,7 +11,10 @@ so the ratios compare algorithms, not core counts. Baselines:
   (b+) the same for every output of spectral_metrics (centred and uncentred: two of each).
   DSE: the official algorithm written densely (distance matrix, Gaussian, dense diagonal
       degree matrix, two N x N products, ``np.linalg.eigvalsh``).
-"MiB" is peak resident memory above the level just before the call (sampled every 5 ms).
+Prints one Markdown table: each row times our computation and its named baseline in the same
+run (median of 3 calls and their spread; one call when a call takes over 30 s), their ratio, and
+how far the results agree. "MiB" is peak resident memory above the level just before the call
+(sampled every 5 ms), except for attention entropy, where it is XLA's compiled buffer size.
 
 Measured 2026-11-28, one thread, 2-core VM shared with other jobs (load ~3-5):
   15000x2048: ours 2.31 s, (a) 25.9 s (11.2x), (b) 2.04 s (0.88x), (b+) 3.97 s (1.72x), rel diff 1e-13
@@ -50,9 +53,11 @@ def _pin_threads(n: int) -> None:
 if __name__ == "__main__":
     _pin_threads(int(next((a.split("=")[1] for a in sys.argv if a.startswith("--threads=")), "1")))
 
+import dataclasses  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -60,6 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import scipy.linalg  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from entropy_jax import probes  # noqa: E402
 
@@ -84,6 +90,67 @@ def measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     done.set()
     sampler.join()
     return out, seconds, (max(peak[0], proc.memory_info().rss) - base) / 2**20
+
+
+@dataclasses.dataclass
+class Timing:
+    """Median and spread of up to three calls (one when a call takes longer than ``REPEAT_BELOW_S``)."""
+
+    result: Any
+    seconds: list[float]
+    mib: float
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.seconds))
+
+    def __str__(self) -> str:
+        if len(self.seconds) == 1:
+            return f"{self.seconds[0]:.2f} (1 run)"
+        return f"{self.median:.2f} [{min(self.seconds):.2f}-{max(self.seconds):.2f}]"
+
+
+REPEAT_BELOW_S = 30.0
+
+
+def timed(fn: Callable[[], Any], repeats: int = 3) -> Timing:
+    """Call ``fn`` up to ``repeats`` times (once if the first call takes over REPEAT_BELOW_S)."""
+    out, seconds, mib = measure(fn)
+    runs = [seconds]
+    while len(runs) < repeats and seconds < REPEAT_BELOW_S:
+        _, seconds, more = measure(fn)
+        runs.append(seconds)
+        mib = max(mib, more)
+    return Timing(out, runs, mib)
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table: our computation against a named baseline, both measured here."""
+
+    case: str
+    size: str
+    ours: Timing
+    baseline: str = ""
+    base: Timing | None = None
+    agreement: str = ""
+
+    def cells(self) -> list[str]:
+        ratio = f"{self.base.median / self.ours.median:.2f}x" if self.base else ""
+        return [self.case, self.size, str(self.ours), self.baseline, str(self.base) if self.base else "skipped",
+                ratio, f"{self.ours.mib:.0f}", f"{self.base.mib:.0f}" if self.base else "", self.agreement]
+
+
+COLUMNS = ["case", "size", "ours s (median [spread])", "baseline", "baseline s", "baseline / ours",
+           "ours MiB", "baseline MiB", "agreement"]
+
+
+def print_table(rows: list[Row]) -> None:
+    """The one table (Markdown): every row's ratio compares two timings taken in this run."""
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(row.cells()) + " |")
 
 
 def _entropy_rank(p: np.ndarray) -> float:
@@ -138,34 +205,33 @@ def _max_rel(ours: dict, base: dict) -> float:
     return max(abs(ours[k] - v) / abs(v) for k, v in base.items())
 
 
-def spectral_rows(sizes: list[tuple[int, int]], mesh: Any) -> None:
-    print(f"\n{'N x D':>12} {'ours s':>8} {'(a) s':>8} {'(b) s':>8} {'(b+) s':>8} {'a/ours':>7} "
-          f"{'b/ours':>7} {'b+/ours':>8} {'ours MiB':>9} {'max rel diff':>13}")
+def spectral_rows(sizes: list[tuple[int, int]], mesh: Any) -> list[Row]:
+    """spectral_metrics (every spectral output) against (a), (b) and (b+)."""
+    rows = []
     for n, d in sizes:
         x = np.random.default_rng(0).standard_normal((n, d)) * np.arange(1, d + 1) ** -0.6 + 3.0
         probes.spectral_metrics(x[: n // 2], mesh=mesh)  # compile other shapes' kernels off the clock
         probes.spectral_metrics(x, mesh=mesh)
-        ours, t_ours, mem = measure(lambda x=x: probes.spectral_metrics(x, mesh=mesh))
-        a, t_a, _ = measure(lambda x=x: tracing_svd_baseline(x))
-        b, t_b, _ = measure(lambda x=x: covariance_baseline(x, both=False))
-        bp, t_bp, _ = measure(lambda x=x: covariance_baseline(x, both=True))
-        diff = max(_max_rel(ours, a), _max_rel(ours, bp))
-        print(f"{n:>6}x{d:<5} {t_ours:8.2f} {t_a:8.2f} {t_b:8.2f} {t_bp:8.2f} {t_a / t_ours:7.1f} "
-              f"{t_b / t_ours:7.2f} {t_bp / t_ours:8.2f} {mem:9.0f} {diff:13.1e}")
+        ours = timed(lambda x=x: probes.spectral_metrics(x, mesh=mesh))
+        for name, fn in (("(a) full SVD x2", tracing_svd_baseline),
+                         ("(b) cov + eigvalsh", lambda x: covariance_baseline(x, both=False)),
+                         ("(b+) (b) for every output", lambda x: covariance_baseline(x, both=True))):
+            base = timed(lambda x=x, fn=fn: fn(x))
+            rows.append(Row("spectral_metrics", f"{n} x {d}", ours, name, base,
+                            f"max rel diff {_max_rel(ours.result, base.result):.1e}"))
+    return rows
 
 
-def dse_rows(sizes: list[int], official_up_to: int) -> None:
-    print(f"\n{'DSE N':>8} {'ours s':>8} {'ours MiB':>9} {'official s':>11} {'official MiB':>13} "
-          f"{'speedup':>8} {'|diff| bits':>12}")
+def dse_rows(sizes: list[int], official_up_to: int) -> list[Row]:
+    """Exact DSE (sigma 10, D = 128) against the official algorithm written densely."""
+    rows = []
     for n in sizes:
         x = np.random.default_rng(1).standard_normal((n, 128))
-        ours, t_ours, m_ours = measure(lambda x=x: probes.diffusion_spectral_entropy(x, 10.0))
-        if n <= official_up_to:
-            off, t_off, m_off = measure(lambda x=x: official_dse(x, 10.0))
-            print(f"{n:>8} {t_ours:8.2f} {m_ours:9.0f} {t_off:11.2f} {m_off:13.0f} {t_off / t_ours:8.2f} "
-                  f"{abs(ours - off):12.1e}")
-        else:
-            print(f"{n:>8} {t_ours:8.2f} {m_ours:9.0f} {'skipped':>11}")
+        ours = timed(lambda x=x: probes.diffusion_spectral_entropy(x, 10.0))
+        base = timed(lambda x=x: official_dse(x, 10.0)) if n <= official_up_to else None
+        agree = f"|diff| {abs(ours.result - base.result):.1e} bits" if base else f"{ours.result:.5f} bits"
+        rows.append(Row("DSE exact, sigma 10", f"N {n}, D 128", ours, "official (dense)", base, agree))
+    return rows
 
 
 def layernorm_like(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -176,29 +242,29 @@ def layernorm_like(n: int, d: int, seed: int = 0) -> np.ndarray:
     return (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
 
 
-def dse_estimate_rows(sizes: list[int], exact_up_to: int, d: int = 32) -> None:
+def dse_estimate_rows(sizes: list[int], exact_up_to: int, d: int = 32) -> list[Row]:
     """Matrix-free DSE (SLQ) against the exact dense DSE (the baseline), on LayerNorm-like rows at
     the median-distance bandwidth (the sweep's ``dse_bits``) and at sigma = 10 (``dse_bits_sigma10``)."""
-    print(f"\nDSE estimate (SLQ) vs exact, LayerNorm-like rows, D = {d}")
-    print(f"{'N':>7} {'sigma':>8} {'exact s':>8} {'exact MiB':>10} {'slq s':>7} {'slq MiB':>8} {'exact/slq':>9} "
-          f"{'exact bits':>10} {'slq bits':>9} {'rel diff':>9} {'stderr':>8} {'half-gap':>8}")
+    rows = []
     for n in sizes:
         x = layernorm_like(n, d)
-        for sigma in (probes.diffusion.median_distance(x), 10.0):
-            est, t_slq, m_slq = measure(lambda x=x, s=sigma: probes.diffusion.diffusion_spectral_entropy_slq(x, s))
+        for label, sigma in (("median", probes.diffusion.median_distance(x)), ("10", 10.0)):
+            ours = timed(lambda x=x, s=sigma: probes.diffusion.diffusion_spectral_entropy_slq(x, s), repeats=1)
+            base = None
             if n <= exact_up_to:
-                exact, t_ex, m_ex = measure(
-                    lambda x=x, s=sigma: probes.diffusion_spectral_entropy(x, s, max_samples=None))
-                rel = (est.bits - exact) / exact
-                cols = f"{t_ex:8.1f} {m_ex:10.0f}", f"{t_ex / t_slq:9.2f} {exact:10.5f}", f"{rel:+9.4f}"
-            else:
-                cols = f"{'skipped':>8} {'':>10}", f"{'':>9} {'':>10}", f"{'':>9}"
-            print(f"{n:>7} {sigma:8.3f} {cols[0]} {t_slq:7.1f} {m_slq:8.0f} {cols[1]} {est.bits:9.5f} {cols[2]} "
-                  f"{est.stderr:8.5f} {est.quadrature_halfgap:8.5f}", flush=True)
+                base = timed(lambda x=x, s=sigma: probes.diffusion_spectral_entropy(x, s, max_samples=None), repeats=1)
+            est = ours.result
+            agree = f"{est.bits:.5f} bits, stderr {est.stderr:.5f}, half-gap {est.quadrature_halfgap:.5f}"
+            if base:
+                agree = f"rel diff {(est.bits - base.result) / base.result:+.4f}; " + agree
+            rows.append(Row(f"DSE estimate (SLQ), sigma {label}", f"N {n}, D {d}", ours, "exact (dense)", base,
+                            agree))
+    return rows
 
 
-def attention_memory(t: int, key_block: int = 512, dh: int = 64) -> None:
-    """Compiled temporary memory of dense vs blocked attention entropy (one head, float32)."""
+def attention_memory(t: int, key_block: int = 512, dh: int = 64) -> list[Row]:
+    """Blocked attention entropy (online logsumexp) against dense T x T logits, one causal head,
+    float32; the MiB columns here are XLA's compiled temp + output memory, not resident memory."""
     q = jax.ShapeDtypeStruct((1, 1, t, dh), jnp.float32)
 
     def dense(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -207,15 +273,17 @@ def attention_memory(t: int, key_block: int = 512, dh: int = 64) -> None:
     def blocked(q: jax.Array, k: jax.Array) -> jax.Array:
         return probes.attention_entropy_blocked(q, k, causal=True, key_block=key_block)["row"]
 
-    print(f"\nattention entropy, T = {t}, one head, causal: compiled temp + output memory")
     rng = np.random.default_rng(2)
     args = [jnp.asarray(rng.standard_normal((1, 1, t, dh)), jnp.float32) for _ in range(2)]
-    for name, fn in (("dense (T x T logits)", dense), (f"blocked (keys of {key_block})", blocked)):
+    runs = {}
+    for name, fn in (("dense", dense), ("blocked", blocked)):
         compiled = jax.jit(fn).lower(q, q).compile()
         stats = compiled.memory_analysis()
-        mib = (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
-        out, seconds, _ = measure(lambda c=compiled: jax.block_until_ready(c(*args)))
-        print(f"  {name:<24} {mib:9.1f} MiB  {seconds:6.2f} s  mean row entropy {float(jnp.nanmean(out)):.6f}")
+        runs[name] = timed(lambda c=compiled: np.asarray(c(*args)))
+        runs[name].mib = (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
+    diff = np.nanmax(np.abs(runs["blocked"].result - runs["dense"].result))
+    return [Row(f"attention entropy, blocked ({key_block} keys)", f"T {t}, 1 head", runs["blocked"],
+                "dense T x T logits", runs["dense"], f"max |diff| {diff:.1e} nats (MiB: compiled)")]
 
 
 def _attention_model(workdir: str | None, num_examples: int) -> tuple[Any, tuple, np.ndarray, str]:
@@ -229,9 +297,9 @@ def _attention_model(workdir: str | None, num_examples: int) -> tuple[Any, tuple
     from entropy_jax.sharding import make_mesh
 
     if workdir is None:
-        from experiments.configs.pretrain import get_config
+        from entropy_jax.cli import load_config_file
 
-        cfg = get_config("small")
+        cfg = load_config_file(f"{Path(__file__).parents[1] / 'experiments/configs/pretrain.py'}:small")
         graphdef, params, model_state = init_model(model_config(cfg.model.to_dict(), cfg.data.vocab_size,
                                                                 cfg.train.seq_len), 0)
         tokens = np.random.default_rng(3).integers(0, cfg.data.vocab_size, (num_examples, cfg.train.seq_len))
@@ -247,7 +315,7 @@ def _attention_model(workdir: str | None, num_examples: int) -> tuple[Any, tuple
     return graphdef, (r["params"], r["model_state"]), tokens[:num_examples], f"{workdir} step {step}"
 
 
-def attention_bound_rows(workdir: str | None, num_examples: int) -> None:
+def attention_bound_rows(workdir: str | None, num_examples: int) -> list[Row]:
     """Theorem 3.1 bounds with exact vs certified spectral norms: the sweep's attention pass
     (median of 3 and spread, same run) and the looseness of s and of the row-mean bounds."""
     import functools
@@ -267,17 +335,12 @@ def attention_bound_rows(workdir: str | None, num_examples: int) -> None:
         return forward._attention_stats(model, inter, norm), inter
 
     mesh = make_mesh()
-    out, seconds = {}, {}
+    runs = {}
     for norm in ("exact", "certified"):
         fn = lambda g, s, t, norm=norm: stats(g, s, t, norm)[0]
         forward._batched(fn, graphdef, state, tokens[: len(tokens) // 2 or 1], mesh, len(tokens))  # compile
-        run = lambda fn=fn: forward._batched(fn, graphdef, state, tokens, mesh, len(tokens))
-        runs = [measure(run) for _ in range(3)]
-        out[norm], seconds[norm] = runs[0][0], sorted(r[1] for r in runs)
-    print(f"\nattention bounds, {label}: {tokens.shape[0]} sequences x {tokens.shape[1]} tokens")
-    for norm, ts in seconds.items():
-        speedup = seconds["exact"][1] / ts[1]
-        print(f"  {norm:<10} {ts[1]:8.2f} s (spread {ts[0]:.2f}-{ts[2]:.2f}), exact / this {speedup:6.1f}x")
+        runs[norm] = timed(lambda fn=fn: forward._batched(fn, graphdef, state, tokens, mesh, len(tokens)))
+    looseness = []
     _, inter = jax.device_get(stats(graphdef, state, tokens[:16], "exact"))
     t = tokens.shape[1]
     z = np.concatenate([np.where(np.tril(np.ones((t, t), bool)), a, 0.0).reshape(-1, t, t)
@@ -286,19 +349,20 @@ def attention_bound_rows(workdir: str | None, num_examples: int) -> None:
     for name, mats, power in (("s_logits", z, 1), ("s_weights", x, 2)):  # s_weights = ||W_K W_Q^T|| ||X||^2
         bound = np.asarray(jax.jit(jax.vmap(spectral_norm_upper_bound))(mats))
         ratio = (bound / np.linalg.norm(mats.astype(np.float64), 2, axis=(1, 2))) ** power
-        print(f"  {name:<9} certified / exact (first 16 sequences): mean {ratio.mean():.4f}, worst {ratio.max():.4f}")
+        looseness.append(f"{name} certified / exact mean {ratio.mean():.4f} worst {ratio.max():.4f}")
     for name in ("logits", "weights"):
         key = f"attention/attention_entropy_bound_{name}"
-        c, e = out["certified"][key], out["exact"][key]
+        c, e = runs["certified"].result[key], runs["exact"].result[key]
         r = c[e > 0] / e[e > 0]
-        ratios = f"mean {r.mean():.4f}, worst {r.min():.4f}" if r.size else "none (every exact bound is 0)"
-        print(f"  bound_{name:<8} exact mean {e.mean():.4f} nats, certified mean {c.mean():.4f} nats; "
-              f"certified / exact per head and sequence: {ratios}")
+        looseness.append(f"bound_{name} certified / exact mean {r.mean():.4f} worst {r.min():.4f}" if r.size
+                         else f"bound_{name}: every exact bound is 0")
+    return [Row("attention bounds, certified norms", f"{label}: {tokens.shape[0]} x {tokens.shape[1]} tokens",
+                runs["certified"], "exact SVD per head", runs["exact"], "; ".join(looseness))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced sizes (well under a minute)")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (about 1.5 CPU minutes)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS/XLA threads (set before import)")
     parser.add_argument("--mesh", action="store_true", help="shard spectral_metrics over all devices")
     parser.add_argument("--attention-workdir", default=None,
@@ -309,20 +373,24 @@ def main() -> None:
         from entropy_jax.sharding import make_mesh
 
         mesh = make_mesh()
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, threads: {args.threads}")
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, threads: {args.threads}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     if args.quick:
-        spectral_rows([(2000, 128), (10_000, 512)], mesh)
-        dse_rows([1000, 2000], official_up_to=2000)
-        dse_estimate_rows([2000], exact_up_to=2000)
-        attention_memory(2048)
-        attention_bound_rows(args.attention_workdir, 16)
+        sections = [lambda: spectral_rows([(2000, 128), (10_000, 512)], mesh),
+                    lambda: dse_rows([1000, 2000], official_up_to=2000),
+                    lambda: dse_estimate_rows([2000], exact_up_to=2000),
+                    lambda: attention_memory(2048),
+                    lambda: attention_bound_rows(args.attention_workdir, 16)]
     else:
-        spectral_rows([(2000, 128), (10_000, 512), (15_000, 2048)], mesh)
-        dse_rows([1000, 2000, 5000, 10_000], official_up_to=10_000)
-        dse_estimate_rows([5000, 10_000, 50_000], exact_up_to=10_000)
-        attention_memory(8192)
-        attention_bound_rows(args.attention_workdir, 128)
-
+        sections = [lambda: spectral_rows([(2000, 128), (10_000, 512), (15_000, 2048)], mesh),
+                    lambda: dse_rows([1000, 2000, 5000, 10_000], official_up_to=10_000),
+                    lambda: dse_estimate_rows([5000, 10_000, 50_000], exact_up_to=10_000),
+                    lambda: attention_memory(8192),
+                    lambda: attention_bound_rows(args.attention_workdir, 128)]
+    rows = []
+    for section in tqdm(sections, desc="benchmark sections", file=sys.stderr):
+        rows += section()
+    print_table(rows)
 
 if __name__ == "__main__":
     main()
