@@ -35,9 +35,16 @@ from entropy_jax.config import (
 from entropy_jax.data.builders import SYNTHETIC_KINDS
 from entropy_jax.data.text import text_files
 from entropy_jax.errors import UserError, did_you_mean
-from entropy_jax.models import ModelConfig
+from entropy_jax.models import ModelConfig, hf
 from entropy_jax.models.build import ARCHITECTURES
 from entropy_jax.sweep.evaluators import EVALUATORS
+from entropy_jax.sweep.run import (
+    check_probe_overrides,
+    newest_readable_meta,
+    probe_plan,
+    probe_source,
+    sweep_probe_set,
+)
 from entropy_jax.train.losses import make_loss
 from entropy_jax.workdir import Workdir
 
@@ -223,8 +230,10 @@ def _keep_saved_spelling(cfg: ml_collections.ConfigDict, saved: Mapping[str, Any
 
 
 def check_probe_workdir(value: str | None, probe_config: ml_collections.ConfigDict | None) -> Path:
-    """``probe.py``'s input: a run folder with checkpoints, and (if given) a valid probe config
-    whose probe set fits the run's validation split."""
+    """``probe.py``'s input: a run folder with checkpoints, and (if given) a probe config whose
+    ``probes`` are valid and whose ``probe_set`` overrides (None: the run's own) fit the run. An
+    override, or an imported model's text probe set, is built and checked against the probe set
+    the workdir already holds (:func:`entropy_jax.sweep.run.sweep_probe_set`), writing nothing."""
     workdir = workdir_path(value)
     if not workdir.is_dir():
         raise UserError(f"--workdir={value} does not exist: give a run folder written by experiments/pretrain.py")
@@ -232,18 +241,23 @@ def check_probe_workdir(value: str | None, probe_config: ml_collections.ConfigDi
     if not steps:
         raise UserError(f"no checkpoints in {workdir / 'checkpoints'}: train first "
                         f"(experiments/pretrain.py --workdir={workdir})")
-    if probe_config is not None:
-        probe_set = check_probe_config(probe_config)
-        ckpts = Checkpoints(workdir, read_only=True)
-        try:
-            meta = ckpts.read_meta(steps[-1])
-        finally:
-            ckpts.close()
-        source = (meta.get("probe_source") or {"data": meta["config"]["data"]})["data"]
-        num_val = source.get("num_val", DataConfig.num_val)
-        if source.get("name") in SYNTHETIC_KINDS and probe_set.num_sequences > num_val:
-            raise UserError(f"probe_set.num_sequences={probe_set.num_sequences} is larger than the run's validation "
-                            f"split ({num_val} sequences)")
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        meta = newest_readable_meta(ckpts, steps)
+    finally:
+        ckpts.close()
+    if probe_config is not None and probe_config.get("probes") is not None:
+        _check_probes(probe_config.probes.to_dict(), None)
+    _, probe_set, overrides = probe_plan(meta, probe_config)
+    check_probe_overrides(meta, overrides)
+    source = probe_source(meta)
+    num_sequences = overrides.get("num_sequences", probe_set.get("num_sequences"))
+    num_val = source.get("data", {}).get("num_val", DataConfig.num_val)
+    if source.get("data", {}).get("name") in SYNTHETIC_KINDS and num_sequences > num_val:
+        raise UserError(f"probe_set.num_sequences={num_sequences} is larger than the run's validation "
+                        f"split ({num_val} sequences)")
+    if overrides or source.get("kind") == hf.probe_text.KIND:
+        sweep_probe_set(Workdir(workdir), meta, probe_set, overrides)
     check_writable(Workdir(workdir).probes, "the probe sweep")
     return workdir
 

@@ -64,6 +64,34 @@ def lineage_workdirs(workdir: str | Path) -> list[Path]:
     return chain[::-1]
 
 
+def _is_parent(parent: Path, child: Path) -> bool:
+    """Whether ``child``'s latest checkpoint records ``parent`` as its parent run (by folder, or by
+    run id where the folder was moved)."""
+    link = (_latest_meta(child) or {}).get("parent")
+    if not link:
+        return False
+    return Path(link["workdir"]).resolve() == parent.resolve() or link.get("run_id") == Workdir(parent).run_id()
+
+
+def given_lineage(workdirs: list[str | Path]) -> bool:
+    """Whether ``workdirs`` are one lineage in order, each the parent of the next: True; False when
+    no one of them is the parent of another (independent runs); UserError naming the missing link
+    when some are linked but not in one chain in the order given."""
+    paths = [Path(w).absolute() for w in workdirs]
+    if len(paths) < 2:
+        return False
+    links = [_is_parent(a, b) for a, b in zip(paths, paths[1:], strict=False)]
+    if all(links):
+        return True
+    if not any(_is_parent(a, b) for a in paths for b in paths if a != b):
+        return False
+    i = links.index(False)
+    parent = (_latest_meta(paths[i + 1]) or {}).get("parent")
+    recorded = f"its parent is {parent['workdir']}" if parent else "it records no parent: a run from scratch"
+    raise UserError(f"the workdirs are linked but not one lineage in the order given: {paths[i + 1]} does not start "
+                    f"from {paths[i]} ({recorded}); give the stages root first, each the parent of the next")
+
+
 def probe_set_hash(workdir: Path) -> str:
     path = Workdir(workdir).probe_set
     if not path.exists():
@@ -228,10 +256,12 @@ def summary_layers(table: pd.DataFrame, probe: str) -> list[int]:
     return sorted({layers[(len(layers) - 1) // 2], layers[-1]})
 
 
-def analyse_lineage(workdir: str | Path, *, probe: str | None = None) -> LifecycleReport:
+def analyse_lineage(workdir: str | Path, *, probe: str | None = None,
+                    stages: list[str | Path] | None = None) -> LifecycleReport:
     """Stage summary (``probes/stages.csv``) and lifecycle plots (``plots/lifecycle_*.png``) of the lineage
-    ending at ``workdir``, written into ``workdir``; every stage must have been probed."""
-    workdirs = lineage_workdirs(workdir)
+    ending at ``workdir``, written into ``workdir``; every stage must have been probed. ``stages``: the
+    workdirs to draw, root first, ending at ``workdir`` (default: the whole recorded lineage)."""
+    workdirs = [Path(w).absolute() for w in stages] if stages else lineage_workdirs(workdir)
     table, digest = lineage_results(workdirs)
     probe = probe or default_probe(table)
     layers = summary_layers(table, probe)
