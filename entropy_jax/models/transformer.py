@@ -144,11 +144,37 @@ def rotary(x_BxTxHxK: jax.Array, base: float = 10_000.0, dims: int | None = None
     return out.astype(x_BxTxHxK.dtype)
 
 
+def attention_logits(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array) -> jax.Array:
+    """Pre-softmax causal logits ``q k^T / sqrt(d_head)``, ``BxHxTxT`` float32, masked entries at the
+    most negative finite float32 (softmax gives exact zeros, no NaNs): what the probes read."""
+    t, d_head = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
+    logits_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK).astype(jnp.float32) / jnp.sqrt(d_head)
+    causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return jnp.where(causal_TxT, logits_BxHxTxT, jnp.finfo(jnp.float32).min)
+
+
+def explicit_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array) -> jax.Array:
+    """Causal softmax attention written out, ``softmax(attention_logits) v``: the reference that
+    :func:`fused_attention` is tested against."""
+    probs = jax.nn.softmax(attention_logits(q_BxTxHxK, k_BxTxHxK), axis=-1).astype(v_BxTxHxK.dtype)
+    return jnp.einsum("bhqs,bshk->bqhk", probs, v_BxTxHxK)
+
+
+def fused_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array) -> jax.Array:
+    """Causal ``softmax(q k^T / sqrt(d_head)) v`` through ``jax.nn.dot_product_attention`` (softmax
+    in float32), which selects a fused kernel (cuDNN flash attention) on GPUs and XLA's own
+    lowering elsewhere; the logits stay inside it."""
+    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True)
+
+
 class CausalSelfAttention(nnx.Module):
     """Multi-head causal self-attention with separate W_Q, W_K, W_V, W_O (probes read W_Q, W_K).
 
     Projections run on the flattened ``(B*T) x D`` tokens: XLA:CPU lowers the weight gradient of
-    a 2-D matmul to one GEMM, but of a ``BxTxD`` one to a much slower two-axis contraction.
+    a 2-D matmul to one GEMM, but of a ``BxTxD`` one to a much slower two-axis contraction. The
+    mixing always runs through :func:`fused_attention`; when the probes ask for the logits,
+    :func:`attention_logits` computes them from the same q and k (one more q k^T), so the output
+    is the same with or without intermediates, to the last bit.
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -159,7 +185,8 @@ class CausalSelfAttention(nnx.Module):
         self.value = dense(cfg.d_model, cfg.d_model)
         self.out = dense(cfg.d_model, cfg.d_model)
 
-    def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x_BxTxD: jax.Array, return_logits: bool = False) -> tuple[jax.Array, jax.Array | None]:
+        """Attention output ``BxTxD`` and, when ``return_logits``, the logits ``BxHxTxT`` (else None)."""
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         x_NxD = x_BxTxD.reshape(b * t, cfg.d_model)
@@ -167,11 +194,8 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = heads(self.query(x_NxD)), heads(self.key(x_NxD)), heads(self.value(x_NxD))
         if cfg.positions == "rope":
             q, k = (rotary(y, cfg.rotary_base, cfg.rotary_dims) for y in (q, k))
-        logits_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) / jnp.sqrt(cfg.d_head)
-        causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
-        logits_BxHxTxT = jnp.where(causal_TxT, logits_BxHxTxT, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits_BxHxTxT, axis=-1).astype(v.dtype)
-        y_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+        y_BxTxHxK = fused_attention(q, k, v)
+        logits_BxHxTxT = attention_logits(q, k) if return_logits else None
         return self.out(y_BxTxHxK.reshape(b * t, cfg.d_model)).reshape(b, t, cfg.d_model), logits_BxHxTxT
 
 
@@ -197,10 +221,12 @@ class Block(nnx.Module):
         self.mlp_norm = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """New residual, attention logits, and the normalised input the attention read."""
+    def __call__(self, x_BxTxD: jax.Array,
+                 return_logits: bool = False) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """New residual, attention logits (None unless ``return_logits``), and the normalised input
+        the attention read."""
         normed_BxTxD = self.attn_norm(x_BxTxD)
-        attn_out, logits_BxHxTxT = self.attn(normed_BxTxD)
+        attn_out, logits_BxHxTxT = self.attn(normed_BxTxD, return_logits)
         if self.parallel:
             return x_BxTxD + attn_out + self.mlp(self.mlp_norm(x_BxTxD)), logits_BxHxTxT, normed_BxTxD
         x_BxTxD = x_BxTxD + attn_out
@@ -225,6 +251,15 @@ class Transformer(nnx.Module):
                 self.unembed_padding = PaddingRows(jnp.zeros((cfg.d_model, cfg.vocab_padding)))
 
     def __call__(self, tokens_BxT: jax.Array, return_intermediates: bool = False):
+        h_BxTxD, intermediates = self.final_hidden(tokens_BxT, return_intermediates)
+        logits_BxTxV = self.logits(h_BxTxD)
+        if not return_intermediates:
+            return logits_BxTxV
+        return logits_BxTxV, intermediates
+
+    def final_hidden(self, tokens_BxT: jax.Array, return_intermediates: bool = False) -> tuple[jax.Array, dict | None]:
+        """The hidden state after the final norm, ``h_BxTxD``, and the intermediates (None unless asked);
+        ``logits(h)`` completes the forward pass (chunked losses unembed a few tokens at a time)."""
         t = tokens_BxT.shape[1]
         if t > self.cfg.max_len:
             raise ValueError(f"sequence length {t} exceeds model.max_len={self.cfg.max_len}")
@@ -233,19 +268,21 @@ class Transformer(nnx.Module):
             h_BxTxD = h_BxTxD + self.pos_embed(jnp.arange(t))[None]
         residual, attention_logits, attention_inputs = [h_BxTxD], [], []
         for block in self.blocks:
-            h_BxTxD, logits_BxHxTxT, normed_BxTxD = block(h_BxTxD)
+            h_BxTxD, logits_BxHxTxT, normed_BxTxD = block(h_BxTxD, return_intermediates)
             residual.append(h_BxTxD)
             attention_logits.append(logits_BxHxTxT)
             attention_inputs.append(normed_BxTxD)
         h_BxTxD = self.final_norm(h_BxTxD)
         residual[-1] = h_BxTxD
-        h_NxD = h_BxTxD.reshape(-1, self.cfg.d_model)
-        logits_NxV = self._unembed(h_NxD)
-        logits_BxTxV = logits_NxV.reshape(*tokens_BxT.shape, -1).astype(jnp.float32)
         if not return_intermediates:
-            return logits_BxTxV
-        return logits_BxTxV, {"residual": residual, "attention_logits": attention_logits,
-                              "attention_inputs": attention_inputs}
+            return h_BxTxD, None
+        return h_BxTxD, {"residual": residual, "attention_logits": attention_logits,
+                         "attention_inputs": attention_inputs}
+
+    def logits(self, h_xD: jax.Array) -> jax.Array:
+        """Float32 next-token logits ``...xV`` of final hidden states ``...xD`` (any leading shape)."""
+        h_NxD = h_xD.reshape(-1, self.cfg.d_model)
+        return self._unembed(h_NxD).reshape(*h_xD.shape[:-1], -1).astype(jnp.float32)
 
     def _embed(self, tokens_BxT: jax.Array) -> jax.Array:
         if not self.cfg.vocab_padding:

@@ -41,13 +41,52 @@ def weighted_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
     return (ce_BxT * w).sum() / jnp.maximum(total, 1.0), total
 
 
-def next_token(skip_first: int = 0) -> LossFn:
+def chunked_cross_entropy(h_BxTxD: jax.Array, unembed: Callable[[jax.Array], jax.Array], targets_BxT: jax.Array,
+                          weights_BxT: jax.Array, chunk: int) -> jax.Array:
+    """``sum_t w_t CE_t`` (nats, float32) with the logits made ``chunk`` positions at a time.
+
+    ``unembed`` maps hidden states ``BxCxD`` to float32 logits ``BxCxV``. A ``lax.scan`` over the
+    time axis in chunks of ``chunk`` positions (padded with weight 0) computes each chunk's logits,
+    cross-entropy and weighted sum; ``jax.checkpoint`` around the chunk makes the backward pass
+    recompute the chunk's logits instead of storing them. So float32 logits exist for
+    ``B x chunk`` tokens at a time, never for the whole ``BxTxV`` batch (the idea of Cut
+    Cross-Entropy, Wijmans et al. 2024, at chunk rather than kernel granularity). The batch axis
+    stays whole, so its sharding over the mesh is untouched.
+    """
+    b, t, d = h_BxTxD.shape
+    pad = -t % chunk
+    if pad:
+        h_BxTxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+        targets_BxT, weights_BxT = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets_BxT, weights_BxT))
+    n = (t + pad) // chunk
+    h_NxBxCxD = jnp.moveaxis(h_BxTxD.reshape(b, n, chunk, d), 1, 0)
+    targets_NxBxC, weights_NxBxC = (jnp.moveaxis(x.reshape(b, n, chunk), 1, 0) for x in (targets_BxT, weights_BxT))
+
+    @jax.checkpoint
+    def chunk_loss(h_BxCxD, targets_BxC, weights_BxC):
+        ce_BxC = optax.softmax_cross_entropy_with_integer_labels(unembed(h_BxCxD), targets_BxC)
+        return (ce_BxC * weights_BxC).sum()
+
+    def body(total, xs):
+        return total + chunk_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_NxBxCxD, targets_NxBxC, weights_NxBxC))
+    return total
+
+
+def next_token(skip_first: int = 0, chunk: int = 0) -> LossFn:
     """Next-token cross-entropy, optionally weighted per token.
 
     Weights: ``batch["weights"]`` when the data provides them (e.g. answer tokens only), times
     0 on the first ``skip_first`` positions of every sequence (predictions from a short context).
+    ``chunk`` > 0 unembeds ``chunk`` positions at a time (:func:`chunked_cross_entropy`; for large
+    vocabularies, where the batch's float32 logits dominate memory); the model must offer
+    ``final_hidden`` and ``logits`` (:class:`entropy_jax.models.Transformer` does). Same loss and
+    gradient as ``chunk=0`` to float tolerance.
     aux: ``loss_tokens``, the number of tokens that counted in this global batch.
     """
+    if chunk < 0:
+        raise ValueError(f"train.loss.chunk={chunk} must be >= 0 (0: the whole batch's logits at once)")
 
     def loss_fn(model, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         del rng
@@ -57,8 +96,17 @@ def next_token(skip_first: int = 0) -> LossFn:
             keep_T = (jnp.arange(t) >= skip_first).astype(jnp.float32)
             weights = keep_T[None, :] if weights is None else weights * keep_T[None, :]
             weights = jnp.broadcast_to(weights, batch["targets"].shape)
-        loss, tokens = weighted_cross_entropy(model(batch["inputs"]), batch["targets"], weights)
-        return loss, {"loss_tokens": tokens}
+        if not chunk:
+            loss, tokens = weighted_cross_entropy(model(batch["inputs"]), batch["targets"], weights)
+            return loss, {"loss_tokens": tokens}
+        if not hasattr(model, "final_hidden"):
+            raise ValueError(f"train.loss.chunk={chunk} needs a model with final_hidden() and logits() "
+                             f"({type(model).__name__} has none); set train.loss.chunk=0")
+        w = jnp.ones(batch["targets"].shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+        h_BxTxD, _ = model.final_hidden(batch["inputs"])
+        total = w.sum()
+        loss = chunked_cross_entropy(h_BxTxD, model.logits, batch["targets"], w, chunk) / jnp.maximum(total, 1.0)
+        return loss, {"loss_tokens": total}
 
     return loss_fn
 
