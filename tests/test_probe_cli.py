@@ -80,6 +80,9 @@ def test_text_chosen_at_probe_time_is_the_models_tokenizer_over_it_and_is_kept(i
         validate.check_probe_workdir(str(neox), probe_config())
     with pytest.raises(ProbeSetError, match="give probe_set.text_dir .* or probe_set.tfds_name .*, not both"):
         validate.check_probe_workdir(str(neox), probe_config(text_dir=str(TEXT), tfds_name="wikitext"))
+    with pytest.raises(ProbeSetError, match="probe_set.tfds_name='nosuchds' cannot be read from .*Dataset nosuchds "
+                                            "not found.*give probe_set.text_dir"):
+        validate.check_probe_workdir(str(neox), probe_config(tfds_name="nosuchds", data_dir=str(neox)))
     with pytest.raises(ProbeSetError, match="probe_set.seq_len=65 is longer than the model's max_len=64"):
         validate.check_probe_workdir(str(neox), probe_config(text_dir=str(TEXT), seq_len=65))
     assert not (neox / "probes" / "probe_set.npz").exists()

@@ -162,7 +162,19 @@ def _write_npz(path: Path, arrays: dict[str, Any]) -> None:
 def probe_tokens(source: dict) -> tuple[np.ndarray, str]:
     """The probe tokens a resolved source gives and their sha256 (ProbeSetError: too little data)."""
     if source.get("kind") == hf.probe_text.KIND:  # an imported model: its own tokenizer over text
-        return hf.probe_tokens(source)
+        name, data_dir = source["probe_set"].get("tfds_name"), source["probe_set"].get("data_dir")
+        try:
+            return hf.probe_tokens(source)
+        except UserError:
+            raise
+        except Exception as e:  # TFDS: an unknown name, a set not prepared as array_record
+            if not name:
+                raise
+            why = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            where = data_dir or "the TFDS default folder"
+            raise ProbeSetError(f"probe_set.tfds_name={name!r} cannot be read from {where} ({type(e).__name__}: "
+                                f"{why}): prepare it with `tfds build {name} --file_format=array_record`, or give "
+                                "probe_set.text_dir") from e
     try:
         corpus = data.load_corpus(ml_collections.ConfigDict(source["data"]), source["seq_len"])
         return data.probe_set(corpus, source["probe_set"]["num_sequences"])
