@@ -13,10 +13,9 @@ from flax import nnx
 
 from entropy_jax.models import ModelConfig, init_model
 from entropy_jax.models.transformer import attention_logits, explicit_attention, fused_attention
-from entropy_jax.sharding import make_mesh, replicated, shard_batch
 from entropy_jax.train.losses import make_loss
 from entropy_jax.train.optim import make_optimizer, make_schedule
-from entropy_jax.train.step import init_state, make_train_step
+from entropy_jax.train.step import init_state, train_step_fn
 
 
 def numpy_attention(q, k, v):
@@ -100,8 +99,8 @@ def test_chunked_loss_rejects_a_negative_chunk():
         make_loss({"name": "next_token", "chunk": -1})
 
 
-def _markov_batches(steps: int, b: int = 16, t: int = 16, v: int = 32, seed: int = 0) -> list[dict]:
-    """Sequences of a random sparse Markov chain (4 successors per token): a loss that can fall."""
+def _markov_batches(steps: int, b: int = 16, t: int = 16, v: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    """``steps`` batches (stacked) of a random sparse Markov chain (4 successors per token): a loss that can fall."""
     rng = np.random.default_rng(seed)
     succ = rng.integers(0, v, (v, 4))
     x = np.empty((steps, b, t + 1), np.int32)
@@ -109,33 +108,31 @@ def _markov_batches(steps: int, b: int = 16, t: int = 16, v: int = 32, seed: int
     choice = rng.integers(0, 4, (steps, b, t))
     for i in range(t):
         x[..., i + 1] = succ[x[..., i], choice[..., i]]
-    return [{"inputs": s[:, :-1], "targets": s[:, 1:]} for s in x]
+    return {"inputs": x[..., :-1], "targets": x[..., 1:]}
 
 
-def _train_losses(dtype: str, batches: list[dict]) -> np.ndarray:
+def _train_losses(dtype: str, batches: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-step losses of the train step run over the stacked batches (one ``lax.scan``, one device)."""
+    steps = batches["inputs"].shape[0]
     mcfg = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, max_len=16, dtype=dtype)
-    tcfg = dict(lr=1e-2, warmup_steps=10, end_lr=1e-3, steps=len(batches), weight_decay=0.0, b1=0.9, b2=0.95,
-                grad_clip=1.0)
-    mesh = make_mesh()
+    tcfg = dict(lr=1e-2, warmup_steps=10, end_lr=1e-3, steps=steps, weight_decay=0.0, b1=0.9, b2=0.95, grad_clip=1.0)
     tx = make_optimizer(tcfg)
     graphdef, params, model_state = init_model(mcfg, seed=0)
-    state = jax.device_put(init_state(params, model_state, tx, seed=0), replicated(mesh))
-    step = make_train_step(graphdef, tx, make_schedule(tcfg))
-    losses = []
-    for batch in batches:
-        state, metrics = step(state, shard_batch(batch, mesh))
-        losses.append(metrics["loss"])
+    step = train_step_fn(graphdef, tx, make_schedule(tcfg))
+    run = jax.jit(lambda state, xs: jax.lax.scan(step, state, xs))
+    state, metrics = run(init_state(params, model_state, tx, seed=0), batches)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params)), "parameters stay float32"
-    assert losses[-1].dtype == jnp.float32
-    return np.asarray(jax.device_get(losses))
+    assert metrics["loss"].dtype == jnp.float32
+    return np.asarray(metrics["loss"])
 
 
 def test_bfloat16_compute_trains_like_float32():
-    """200 steps: the bfloat16 loss curve stays within 0.05 nats/token of float32 everywhere and
-    within 0.02 on the mean of the last 20 steps (about 2^-8 relative rounding in the matmuls)."""
+    """200 steps: the bfloat16 loss curve stays within 0.01 nats/token of float32 at every step and
+    within 0.005 on the mean of the last 20 steps (measured: 0.002 and 0.0002; the chain's entropy
+    rate is ln 4 = 1.39 nats, the runs end near 1.46)."""
     batches = _markov_batches(200)
     f32, bf16 = _train_losses("float32", batches), _train_losses("bfloat16", batches)
-    assert f32[-20:].mean() < f32[:5].mean() - 1.0, "float32 did not learn (the comparison would be empty)"
-    assert np.abs(bf16 - f32).max() < 0.05
-    assert abs(bf16[-20:].mean() - f32[-20:].mean()) < 0.02
+    assert f32[-20:].mean() < f32[:5].mean() - 2.0, "float32 did not learn (the comparison would be empty)"
+    assert np.abs(bf16 - f32).max() < 0.01
+    assert abs(bf16[-20:].mean() - f32[-20:].mean()) < 0.005
     assert not np.array_equal(bf16, f32), "bfloat16 compute changed nothing: is the dtype reaching the model?"
