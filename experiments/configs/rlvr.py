@@ -9,7 +9,7 @@ frozen reference (the checkpoint the stage starts from), stage ``rlvr``:
 Presets as in sft.py:
   tiny  100 steps of 32 prompts x 8 samples, lr 3e-4; metrics.jsonl logs reward_mean, pass_at_1
         (greedy, on held-out prompts) and kl.
-  small as tiny, for the small pretraining preset.
+  small as tiny for the small pretraining preset, 30 steps.
   test  30 steps; what the tests run.
 """
 
@@ -30,7 +30,7 @@ def _sft():
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c = _sft().posttrain_config(preset, "rlvr", "rl")
-    c.train.steps = 30 if preset == "test" else 100
+    c.train.steps = {"test": 30, "small": 30}.get(preset, 100)
     c.train.lr = 3e-3 if preset == "test" else 3e-4
     c.train.end_lr = c.train.lr / 10
     c.train.loss = ml_collections.ConfigDict(dict(
