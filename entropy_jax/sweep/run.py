@@ -84,9 +84,13 @@ TEXT_KEYS = ("text_dir", "tfds_name", "tfds_split", "data_dir")
 
 
 def probe_set_overrides(section: Any) -> dict[str, Any]:
-    """The set entries of a ``probe_set`` override section (None means "the run's own")."""
+    """The set entries of a ``probe_set`` override section (None means "the run's own"); a text
+    folder as an absolute path (it is recorded with the probe set and read again by later sweeps)."""
     section = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
-    return {k: v for k, v in section.items() if v is not None}
+    overrides = {k: v for k, v in section.items() if v is not None}
+    if isinstance(overrides.get("text_dir"), str) and overrides["text_dir"]:
+        overrides["text_dir"] = str(Path(overrides["text_dir"]).expanduser().absolute())
+    return overrides
 
 
 def check_probe_overrides(meta: dict, overrides: dict[str, Any]) -> None:
