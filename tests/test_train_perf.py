@@ -33,6 +33,8 @@ def test_fused_attention_matches_explicit_and_float64():
     q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 3, 8))
     want = numpy_attention(q, k, v)
     np.testing.assert_allclose(fused_attention(q, k, v), want, atol=2e-6)
+    for block in (1, 3, 4):  # query blocks of the non-GPU path, the last one shorter
+        np.testing.assert_allclose(fused_attention(q, k, v, query_block=block), want, atol=2e-6)
     np.testing.assert_allclose(explicit_attention(q, k, v), want, atol=2e-6)
     logits = np.asarray(attention_logits(q, k))
     want_logits = np.einsum("bqhk,bshk->bhqs", np.float64(q), np.float64(k)) / np.sqrt(8)
