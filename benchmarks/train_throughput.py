@@ -38,7 +38,7 @@ from entropy_jax.models import ModelConfig, init_model
 from entropy_jax.sharding import make_mesh, replicated, shard_batch
 from entropy_jax.train.losses import make_loss
 from entropy_jax.train.optim import make_optimizer, make_schedule
-from entropy_jax.train.step import init_state, make_train_step
+from entropy_jax.train.step import init_state, make_flat_train_step
 
 SHAPES = {  # name: (layers, width, heads, seq_len, batch, vocab)
     "reference": (4, 256, 4, 256, 16, 512),
@@ -79,16 +79,18 @@ def model_flops_per_token(mcfg: ModelConfig) -> float:
 
 
 class JaxStep:
-    """The jitted train step on fixed random batches: ``time_steps(n)`` -> seconds per step."""
+    """The jitted train step on fixed random batches, on the state's leaves as the training loop
+    runs it (``make_flat_train_step``): ``time_steps(n)`` -> seconds per step."""
 
     def __init__(self, mcfg: ModelConfig, batch: int, loss_chunk: int):
         self.mesh = make_mesh()
         tx = make_optimizer(TRAIN)
         graphdef, params, model_state = init_model(mcfg, seed=0)
         self.n_params = sum(x.size for x in jax.tree.leaves(params))
-        self.state = jax.device_put(init_state(params, model_state, tx, seed=0), replicated(self.mesh))
-        self.step = make_train_step(graphdef, tx, make_schedule(TRAIN),
-                                    make_loss({"name": "next_token", **({"chunk": loss_chunk} if loss_chunk else {})}))
+        state = jax.device_put(init_state(params, model_state, tx, seed=0), replicated(self.mesh))
+        self.state, treedef = jax.tree.flatten(state)
+        loss = make_loss({"name": "next_token", **({"chunk": loss_chunk} if loss_chunk else {})})
+        self.step = make_flat_train_step(graphdef, tx, make_schedule(TRAIN), loss, treedef)
         rng = np.random.default_rng(0)
         tokens = rng.integers(0, mcfg.vocab_size, (4, batch, mcfg.max_len + 1), dtype=np.int32)
         self.batches = [shard_batch({"inputs": t[:, :-1], "targets": t[:, 1:]}, self.mesh) for t in tokens]

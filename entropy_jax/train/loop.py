@@ -49,7 +49,7 @@ from entropy_jax.sharding import is_writer, make_mesh, replicated, shard_batch
 from entropy_jax.train.losses import make_loss
 from entropy_jax.train.metric_writer import MetricWriter, read_metrics
 from entropy_jax.train.optim import make_optimizer, make_schedule
-from entropy_jax.train.step import TrainState, init_state, make_train_step
+from entropy_jax.train.step import TrainState, init_state, make_flat_train_step
 from entropy_jax.workdir import Workdir
 
 # Called in the training process at its probe steps (train.probe_every): (step, state, metadata).
@@ -322,10 +322,18 @@ def _probe_step(step: int, saved: bool, probe_every: int) -> bool:
 def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, start: int,
           on_probe_step: ProbeHook | None, stop: _StopSignals) -> dict[str, Any]:
     """Steps ``start+1 .. train.steps``, or until a stop signal. Step t is dispatched before step
-    t-1's metrics are pulled. Returns the last step done, its loss and the last saved step."""
+    t-1's metrics are pulled. Returns the last step done, its loss and the last saved step.
+
+    The state travels as its flat list of arrays (``make_flat_train_step``): rebuilding the
+    ``nnx.State`` trees on every call is host work that, on CPU, competes with the step for the
+    same cores. It is rebuilt only where it is saved or probed.
+    """
     cfg = run.cfg
     total, ck = cfg.train.steps, cfg.checkpoint
-    train_step = make_train_step(run.graphdef, run.tx, run.schedule, make_loss(cfg.train.loss.to_dict()))
+    leaves, treedef = jax.tree.flatten(state)
+    del state  # its arrays are donated to the first step
+    train_step = make_flat_train_step(run.graphdef, run.tx, run.schedule, make_loss(cfg.train.loss.to_dict()),
+                                      treedef)
     progress, pending, last = _Progress(start, total), None, {"loss": None, "saved": start, "step": start}
     window = collections.deque([(start, time.perf_counter())], maxlen=21)  # rate over the last 20 steps
     entropy_rate = run.corpus.entropy_rate
@@ -353,7 +361,7 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
             if stop.signum is not None:
                 break
             batch = shard_batch(next(run.iterator), run.mesh)
-            state, metrics = train_step(state, batch)
+            leaves, metrics = train_step(leaves, batch)
             last["step"] = step
             if pending is not None:
                 pull(*pending)
@@ -362,10 +370,10 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
             if save:
                 pull(*pending)  # never save a state whose step diverged
                 pending = None
-                meta = run.save(state, lineage)
+                meta = run.save(jax.tree.unflatten(treedef, leaves), lineage)
                 last["saved"] = step
             if on_probe_step is not None and _probe_step(step, save, cfg.train.probe_every):
-                on_probe_step(step, state, meta if save else run.meta(step, lineage))
+                on_probe_step(step, jax.tree.unflatten(treedef, leaves), meta if save else run.meta(step, lineage))
         if pending is not None:
             pull(*pending)
     finally:
