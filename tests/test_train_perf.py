@@ -32,11 +32,11 @@ def numpy_attention(q, k, v):
 def test_fused_attention_matches_explicit_and_float64():
     q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 3, 8))
     want = numpy_attention(q, k, v)
-    np.testing.assert_allclose(fused_attention(q, k, v), want, atol=2e-6)
-    for block in (1, 3, 4):  # query blocks of the non-GPU path, the last one shorter
-        np.testing.assert_allclose(fused_attention(q, k, v, query_block=block), want, atol=2e-6)
-    np.testing.assert_allclose(explicit_attention(q, k, v), want, atol=2e-6)
-    logits = np.asarray(attention_logits(q, k))
+    one_call, blocks = jax.jit(fused_attention)(q, k, v), jax.jit(fused_attention, static_argnums=3)(q, k, v, 3)
+    np.testing.assert_allclose(one_call, want, atol=2e-6)
+    np.testing.assert_allclose(blocks, want, atol=2e-6)  # query blocks of 3, 3, 1 (the non-GPU path)
+    np.testing.assert_allclose(jax.jit(explicit_attention)(q, k, v), want, atol=2e-6)
+    logits = np.asarray(jax.jit(attention_logits)(q, k))
     want_logits = np.einsum("bqhk,bshk->bhqs", np.float64(q), np.float64(k)) / np.sqrt(8)
     lower = np.tril(np.ones((7, 7), bool))
     np.testing.assert_allclose(logits[..., lower], want_logits[..., lower], rtol=1e-5, atol=1e-6)
@@ -54,11 +54,17 @@ def test_model_logits_same_with_and_without_intermediates():
     logits, inter = jax.jit(lambda x: model(x, return_intermediates=True))(tokens)
     np.testing.assert_allclose(plain, logits, atol=1e-5)
     assert float(jnp.abs(plain).max()) > 0.1  # not a trivially zero comparison
-    block, x, normed = model.blocks[0], inter["residual"][0], inter["attention_inputs"][0]
-    v = block.attn.value(normed.reshape(-1, 16)).reshape(3, 9, 2, 8)
-    y = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(inter["attention_logits"][0], -1), v)
-    h = x + block.attn.out(y.reshape(-1, 16)).reshape(3, 9, 16)
-    np.testing.assert_allclose(h + block.mlp(block.mlp_norm(h)), inter["residual"][1], atol=1e-5)
+
+    @jax.jit
+    def next_residual(x, normed, logits):
+        block = model.blocks[0]
+        v = block.attn.value(normed.reshape(-1, 16)).reshape(3, 9, 2, 8)
+        y = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(logits, -1), v)
+        h = x + block.attn.out(y.reshape(-1, 16)).reshape(3, 9, 16)
+        return h + block.mlp(block.mlp_norm(h))
+
+    recomputed = next_residual(inter["residual"][0], inter["attention_inputs"][0], inter["attention_logits"][0])
+    np.testing.assert_allclose(recomputed, inter["residual"][1], atol=1e-5)
 
 
 def _loss_and_grads(loss_spec, mcfg, batch):
