@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "ruff>=0.6", "psutil>=5.9",
-                 "tokenizers>=0.15"],
+                 "tokenizers>=0.15", "pytest-xdist>=3.5"],
         # Imported checkpoints: the models' own tokenizers, and downloads from the Hub.
         "hf": ["tokenizers>=0.15", "huggingface_hub>=0.20"],
         "notebooks": ["jupyterlab>=4", "ipykernel>=6.29"],

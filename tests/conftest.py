@@ -7,10 +7,27 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_TEST_DEVICES}"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per test session, shared with the subprocesses the tests start
+# (command-line runs, SIGKILL-and-resume, several processes): a program compiled once is loaded,
+# not recompiled, by the next process or the next jit of the same computation.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="entropy_jax_tests_jit_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402  (after the XLA flags on purpose)
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 4 (each worker holds a few GB: its own 4-device
+    XLA client, the session's trained run and the subprocesses its tests start)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 def make_test_config(data_dir, **overrides):

@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.loss = ml_collections.ConfigDict(dict(
         name="next_token",  # entropy_jax.train.losses.LOSSES
         skip_first=0,  # next_token: positions at the start of each sequence that carry no loss
+        chunk=0,  # next_token: > 0 unembeds this many positions at a time (large vocabularies)
     ))
     # Probes with in_training=True run inside training: -1 at every checkpoint, 0 never, N every N steps.
     c.train.probe_every = -1

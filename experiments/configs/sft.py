@@ -60,7 +60,7 @@ def posttrain_config(preset: str, stage: str, split: str) -> ml_collections.Conf
     c.train.warmup_steps = 4 if preset == "test" else 20
     c.train.end_lr = c.train.lr / 10
     c.train.weight_decay = 0.0
-    c.train.loss = ml_collections.ConfigDict(dict(name="next_token", skip_first=0))
+    c.train.loss = ml_collections.ConfigDict(dict(name="next_token", skip_first=0, chunk=0))
     c.checkpoint.dense_until = 512  # every power of two, then every 100 steps and the last
     c.checkpoint.every = 100
     return c
