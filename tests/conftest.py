@@ -46,6 +46,34 @@ def make_test_config(data_dir, **overrides):
     return cfg
 
 
+def restore_params(cfg, workdir, step):
+    """The parameters of ``workdir``'s checkpoint ``step`` (model from ``cfg``) as host numpy arrays."""
+    import jax
+    from flax import nnx
+
+    from entropy_jax.checkpoint import Checkpoints
+    from entropy_jax.models import abstract_model, model_config
+    from entropy_jax.sharding import make_mesh
+
+    _, params, _ = abstract_model(model_config(cfg.model, cfg.data.vocab_size, cfg.train.seq_len), make_mesh())
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        return jax.device_get(nnx.to_pure_dict(ckpts.restore(step, arrays={"params": params})["params"]))
+    finally:
+        ckpts.close()
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """XLA without most optimisations for a module's tests, where compilation dominates the tiny
+    models' run time (as in flax's lm1b test); the default again after the module."""
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")

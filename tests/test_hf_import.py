@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from conftest import REPO
@@ -34,12 +33,7 @@ def _perturbed(src, dst, seed):
     save_file(tensors, dst / "model.safetensors")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Compilation dominates these tiny sweeps (as in flax's lm1b test)."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tiny models: compilation dominates
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,12 @@ import ml_collections
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, kill_when_exists
-from flax import nnx
+from conftest import REPO, kill_when_exists, restore_params
 
 from entropy_jax import train
 from entropy_jax.analysis.lifecycle import analyse_lineage, lineage_results, lineage_workdirs
 from entropy_jax.checkpoint import Checkpoints
 from entropy_jax.errors import UserError
-from entropy_jax.models import abstract_model, model_config
-from entropy_jax.sharding import make_mesh
 from entropy_jax.sweep import sweep
 from entropy_jax.train.metric_writer import read_metrics
 from entropy_jax.train.reference import init_checkpoint, prepare_stage
@@ -49,15 +46,6 @@ def run_stage(stage, data_dir, parent, workdir, **overrides):
     cfg = stage_config(stage, data_dir, parent, **overrides)
     prepare_stage(cfg, workdir)
     return cfg, train.train(cfg, workdir)
-
-
-def restore_params(cfg, workdir, step):
-    _, params, _ = abstract_model(model_config(cfg.model, cfg.data.vocab_size, cfg.train.seq_len), make_mesh())
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
-        return jax.device_get(nnx.to_pure_dict(ckpts.restore(step, arrays={"params": params})["params"]))
-    finally:
-        ckpts.close()
 
 
 def read_meta(workdir, step):

@@ -57,11 +57,7 @@ def _cli(script, *args):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tiny models: compilation dominates
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO, make_test_config
-from flax import nnx
+from conftest import REPO, make_test_config, restore_params
 
 from entropy_jax import analysis, train
 from entropy_jax.analysis import load_results
@@ -58,15 +57,6 @@ def _probes(cfg) -> ml_collections.ConfigDict:
     """A cheap probe config: RankMe / alpha-ReQ / entropy of the last token's representation."""
     return ml_collections.ConfigDict({"probe_set": cfg.probe_set.to_dict(),
                                       "probes": {"last_token": cfg.probes.last_token.to_dict()}})
-
-
-def _params(cfg, workdir, step):
-    _, target, _ = abstract_model(model_config(cfg.model, cfg.data.vocab_size, cfg.train.seq_len), make_mesh())
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
-        return jax.device_get(nnx.to_pure_dict(ckpts.restore(step, arrays={"params": target})["params"]))
-    finally:
-        ckpts.close()
 
 
 def _steps(workdir):
@@ -179,8 +169,8 @@ def test_sigterm_stops_cleanly_with_status_143_and_the_rerun_resumes_exactly(int
     assert "Traceback" not in run["err"] and "resumed from step 0" in run["err"], run["err"][-2000:]
     assert "stopped: training stopped by SIGTERM" in run["err"] and 16 <= run["step"] < cfg.train.steps
     assert "resumed from step" in runs["final"]["err"]
-    for a, b in zip(jax.tree.leaves(_params(cfg, workdir, cfg.train.steps)),
-                    jax.tree.leaves(_params(cfg, reference, cfg.train.steps)), strict=True):
+    for a, b in zip(jax.tree.leaves(restore_params(cfg, workdir, cfg.train.steps)),
+                    jax.tree.leaves(restore_params(cfg, reference, cfg.train.steps)), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
