@@ -46,8 +46,9 @@ cli.define_config_flag(
 flags.DEFINE_string("workdir", "runs/demo", "Output folder (checkpoints, metrics.jsonl, probes/, plots/).")
 flags.DEFINE_list("stages", ["pretrain", *POST_STAGES], "Stages to run in order: pretrain, then any of "
                   f"{', '.join(POST_STAGES)} (each starts from the one before).")
-flags.DEFINE_string("stage_preset", "auto", "Preset of the fine-tuning configs (tiny, test); auto: the one whose "
-                    "model, vocabulary and sequence length are the pretraining config's (none: pretrain only).")
+flags.DEFINE_string("stage_preset", "auto", "Preset of the fine-tuning configs (tiny, small, test); auto: the "
+                    "one whose model, vocabulary and sequence length are the pretraining config's "
+                    "(none: pretrain only).")
 
 
 def matching_preset(cfg) -> str | None:

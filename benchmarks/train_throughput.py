@@ -7,7 +7,10 @@
 
 Prints one Markdown table: a row for entropy_jax and, with the peer, a row for nanoGPT
 (benchmarks/nanogpt_peer.py, PyTorch eager) timed in the same run, repeats interleaved, with the
-ratio entropy_jax / nanoGPT in tokens/s. Figures are the median of ``--repeats`` (3) timings of
+ratio entropy_jax / nanoGPT in tokens/s. ``--gemm_floor`` adds a row for the step's matrix
+products alone (forward and both backward products of every projection, attention in the model's
+query blocks, the unembedding), each jitted and timed by itself in XLA and summed: the time a step
+would take if everything but its GEMMs were free. Figures are the median of ``--repeats`` (3) timings of
 ``--steps`` steps each, with the spread (min-max) of the repeats. The peer runs by default on the
 reference shape on CPU when PyTorch is installed.
 
@@ -25,6 +28,7 @@ for float32 matmuls on GPUs), else a float32 matmul measured in the same run on 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -35,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from entropy_jax.models import ModelConfig, init_model
+from entropy_jax.models.transformer import default_query_block
 from entropy_jax.sharding import make_mesh, replicated, shard_batch
 from entropy_jax.train.losses import make_loss
 from entropy_jax.train.optim import make_optimizer, make_schedule
@@ -97,8 +102,8 @@ class JaxStep:
 
     def time_steps(self, steps: int, warmup: int = 2) -> float:
         for i in range(warmup):
-            self.state, m = self.step(self.state, self.batches[i % 4])
-        jax.block_until_ready(m)
+            self.state, _ = self.step(self.state, self.batches[i % 4])
+        jax.block_until_ready(self.state)
         t0 = time.perf_counter()
         for i in range(steps):
             self.state, m = self.step(self.state, self.batches[i % 4])  # no host sync inside the loop
@@ -109,6 +114,48 @@ class JaxStep:
         """A jax.profiler trace (TensorBoard / Perfetto) of ``steps`` steps."""
         with jax.profiler.trace(directory):
             self.time_steps(steps, warmup=0)
+
+
+def step_gemms(mcfg: ModelConfig, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...], str, int]]:
+    """The train step's matrix products as ``(a shape, b shape, einsum, count per step)``: forward,
+    input gradient and weight gradient of every projection and of the unembedding, and the two
+    attention products (three times each: forward and two backward) in the model's query blocks."""
+    n, d, f, v, layers = batch * mcfg.max_len, mcfg.d_model, mcfg.ff_width, mcfg.vocab_size, mcfg.num_layers
+    bh, k, t = batch * mcfg.num_heads, mcfg.d_head, mcfg.max_len
+    gemms = []
+    for i, o, count in [(d, d, 4 * layers), (d, f, layers), (f, d, layers), (d, v, 1)]:
+        gemms += [((n, i), (i, o), "nk,km->nm", count), ((n, o), (i, o), "nm,km->nk", count),
+                  ((n, i), (n, o), "nk,nm->km", count)]
+    block = default_query_block(t)
+    for start in range(0, t, block):  # a query block against the keys up to its last position
+        q, s = min(block, t - start), min(start + block, t)
+        gemms += [((bh, q, k), (bh, s, k), "bqk,bsk->bqs", 3 * layers),
+                  ((bh, q, s), (bh, s, k), "bqs,bsk->bqk", 3 * layers)]
+    return gemms
+
+
+class GemmFloor:
+    """The step's matrix products (:func:`step_gemms`), each jitted and timed alone; ``time_steps(n)``
+    -> their summed seconds (what the step would take on this XLA build were all else free)."""
+
+    def __init__(self, mcfg: ModelConfig, batch: int):
+        rng = np.random.default_rng(0)
+        self.calls = []
+        for a, b, eq, count in step_gemms(mcfg, batch):
+            fn = jax.jit(functools.partial(jnp.einsum, eq))
+            args = [jnp.asarray(rng.standard_normal(s, dtype=np.float32), mcfg.dtype) for s in (a, b)]
+            fn(*args).block_until_ready()
+            self.calls.append((fn, args, count))
+
+    def time_steps(self, steps: int) -> float:
+        total = 0.0
+        for fn, args, count in self.calls:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = fn(*args)
+            out.block_until_ready()
+            total += count * (time.perf_counter() - t0) / steps
+        return total
 
 
 def load_peer():
@@ -141,6 +188,8 @@ def main() -> None:
     p.add_argument("--loss_chunk", type=int, default=0, help="train.loss.chunk: positions unembedded at a time")
     p.add_argument("--peer", default="auto", choices=("auto", "true", "false"),
                    help="time nanoGPT (PyTorch) in the same run; auto: on the reference shape on CPU")
+    p.add_argument("--gemm_floor", action="store_true",
+                   help="add a row for the step's matrix products alone, each timed by itself in XLA")
     p.add_argument("--profile_dir", default="", help="also write a jax.profiler trace of 3 steps here")
     args = p.parse_args()
     layers, width, heads, seq, batch, vocab = SHAPES[args.shape]
@@ -153,11 +202,14 @@ def main() -> None:
     if want_peer(args.peer, args.shape):
         nanogpt = load_peer()
         peer = nanogpt.Peer(layers, width, heads, seq, batch, vocab)
-    times: dict[str, list[float]] = {"entropy_jax": [], "nanoGPT": []}
-    for _ in range(args.repeats):  # interleaved, so both see the same machine load
+    floor = GemmFloor(mcfg, batch) if args.gemm_floor else None
+    times: dict[str, list[float]] = {"entropy_jax": [], "nanoGPT": [], "floor": []}
+    for _ in range(args.repeats):  # interleaved, so all see the same machine load
         times["entropy_jax"].append(ours.time_steps(args.steps))
         if peer is not None:
             times["nanoGPT"].append(peer.time_steps(args.steps))
+        if floor is not None:
+            times["floor"].append(floor.time_steps(args.steps))
     assert ours.step._cache_size() == 1, "the train step recompiled"
     if args.profile_dir:
         ours.trace(args.profile_dir)
@@ -180,6 +232,9 @@ def print_table(args, mcfg: ModelConfig, ours: JaxStep, peer, times: dict[str, l
           f"model TFLOP/s | peak TFLOP/s ({peak_name}) | MFU | vs nanoGPT |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [("entropy_jax (JAX, jit)", times["entropy_jax"], f"{n_dev}x {kind}", ours.n_params)]
+    if times["floor"]:
+        rows.append(("its GEMMs alone (XLA, each timed by itself, summed)", times["floor"], f"1x {kind}",
+                     ours.n_params))
     if peer is not None:
         import torch
 
