@@ -354,10 +354,17 @@ class Prober:
         return added
 
 
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
 def non_finite_params(params: Any) -> list[str]:
-    """Paths of the parameter arrays holding NaN or Inf (empty when all are finite)."""
-    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
-    return [jax.tree_util.keystr(path) for path, leaf in flat if not bool(jnp.isfinite(leaf).all())]  # on device
+    """Paths of the parameter arrays holding NaN or Inf (empty when all are finite); checked on
+    the devices in one compiled call (sharded parameters are never gathered)."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0], strict=True)
+    finite = np.asarray(jax.device_get(_all_finite(list(leaves))))
+    return [jax.tree_util.keystr(path) for path, ok in zip(paths, finite, strict=True) if not ok]
 
 
 def newest_readable_meta(ckpts: Checkpoints, steps: list[int]) -> dict:
