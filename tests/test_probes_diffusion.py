@@ -118,7 +118,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
         probes.diffusion_spectral_entropy(x[:1])
 
 
-def test_in_place_eigensolver_matches_numpy() -> None:
+@pytest.mark.parametrize("two_stage_min", [4096, 0])  # one-stage dsyevd at n = 300; dsyevd_2stage forced
+def test_in_place_eigensolver_matches_numpy(monkeypatch, two_stage_min) -> None:
+    monkeypatch.setattr(probes.lapack, "EIGVALSH_TWO_STAGE_MIN", two_stage_min)
     a = np.random.default_rng(5).standard_normal((300, 300))
     sym = a @ a.T / 300 + np.eye(300)
     expected = np.linalg.eigvalsh(sym)
