@@ -18,7 +18,7 @@ from entropy_jax import cli, train
 from entropy_jax.checkpoint import Checkpoints, ConfigMismatchError
 from entropy_jax.models import abstract_model, model_config
 from entropy_jax.sharding import make_mesh
-from entropy_jax.sweep import load_results, sweep
+from entropy_jax.sweep import forward, load_results, sweep
 from entropy_jax.train.losses import weighted_cross_entropy
 from entropy_jax.train.metric_writer import read_metrics
 from entropy_jax.workdir import Workdir
@@ -140,13 +140,13 @@ def test_init_from_a_missing_step_is_refused(tiny_run, tmp_path, data_dir):
         train.train(cfg, tmp_path / "child")
 
 
-def test_probes_during_training_equal_the_offline_sweep(tmp_path, data_dir):
+def test_probes_during_training_equal_the_offline_sweep(tmp_path, data_dir, monkeypatch):
     cfg = make_test_config(data_dir, **{"train.steps": 16})
     workdir = tmp_path / "live"
     cli.train_with_probes(cfg, workdir)
     live = load_results(workdir)
     in_training = {n for n, e in cfg.probes.items() if e.get("in_training")}
-    assert set(live.probe) == in_training == {"last_token", "mean_token"}
+    assert set(live.probe) == in_training == {"last_token", "mean_token", "output"}
     offline_dir = tmp_path / "offline" / workdir.name
     shutil.copytree(workdir, offline_dir, ignore=shutil.ignore_patterns("probes"))
     sweep(offline_dir)
@@ -156,10 +156,18 @@ def test_probes_during_training_equal_the_offline_sweep(tmp_path, data_dir):
     b = offline[offline.probe.isin(in_training)].sort_values(keys).reset_index(drop=True)
     pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
     np.testing.assert_allclose(a.value, b.value, rtol=1e-6, atol=1e-9, equal_nan=True)
-    # The sweep over the trained workdir computes only the offline probes.
+    # The sweep over the trained workdir computes only the offline probes (without the pass over
+    # the whole probe set, which none of them reads), and the table equals the offline one.
+    passes = []
+    representations = forward._representations
+    monkeypatch.setattr(forward, "_representations", lambda *args: passes.append(1) or representations(*args))
     report = sweep(workdir)
-    assert report.rows_added == len(offline) - len(live)
-    assert set(load_results(workdir).probe) == set(cfg.probes)
+    assert report.rows_added == len(offline) - len(live) and not passes
+    full = load_results(workdir).sort_values(keys).reset_index(drop=True)
+    every = offline.sort_values(keys).reset_index(drop=True)
+    assert set(full.probe) == set(cfg.probes)
+    pd.testing.assert_frame_equal(full.drop(columns="value"), every.drop(columns="value"))
+    np.testing.assert_allclose(full.value, every.value, rtol=1e-6, atol=1e-9, equal_nan=True)
 
 
 def test_train_state_carries_rng_folded_per_step(tiny_run):

@@ -2,8 +2,8 @@
 
 A config entry ``config.probes.<name> = dict(type=<key of EVALUATORS>, **kwargs)`` becomes
 ``EVALUATORS[type](name, entry, model_info)``. Each evaluator declares the rows it writes per
-checkpoint (:meth:`Evaluator.expected_keys`), what it needs from the forward pass
-(``needs_attention``), and computes its rows (:meth:`Evaluator.run`, yielding
+checkpoint (:meth:`Evaluator.expected_keys`), what it needs from the forward passes
+(``needs_representations``, ``needs_attention``), and computes its rows (:meth:`Evaluator.run`, yielding
 ``(key, value, note)``; ``note`` says why a value is NaN or a limit, "" otherwise). A new probe
 type is one class and one :func:`register_evaluator` call. The same evaluators run over saved
 checkpoints (the sweep) and inside training (``in_training=True`` entries).
@@ -51,7 +51,8 @@ class Context:
 class Evaluator:
     """Base class: ``name`` (the config entry), ``entry`` (its kwargs), ``info`` (the model)."""
 
-    needs_attention: ClassVar[bool] = False
+    needs_representations: ClassVar[bool] = True  # reads the pass over the whole probe set
+    needs_attention: ClassVar[bool] = False  # reads the attention pass over its first sequences
 
     def __init__(self, name: str, entry: Mapping[str, Any], info: ModelInfo):
         self.name, self.entry, self.info = name, dict(entry), info
@@ -148,6 +149,7 @@ class Attention(Evaluator):
     (``norm=certified`` or ``norm=exact``).
     """
 
+    needs_representations = False
     needs_attention = True
     DEFAULT_EXAMPLES = 128
     DEFAULT_NORM = "certified"
@@ -191,6 +193,7 @@ class Weights(Evaluator):
     ``<param path>/<statistic>``, layer = its block (1..L) or -1."""
 
     STATS = ("spectral_norm", "frobenius_norm", "stable_rank", "condition_number")
+    needs_representations = False
 
     @staticmethod
     def block_of(path: str) -> int:

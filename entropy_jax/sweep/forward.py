@@ -153,13 +153,15 @@ def _batched(fn, graphdef, state, tokens: np.ndarray, mesh: jax.sharding.Mesh, b
 def probe_forward(
     graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, tokens: np.ndarray,
     mesh: jax.sharding.Mesh, batch_size: int, attention_examples: int = 0, attention_norm: str = "certified",
+    representations: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Representations and predictive entropies of all ``tokens`` (M x T); attention statistics of
-    the first ``attention_examples`` sequences only (0: none). ``attention_norm``: how the bounds'
-    spectral norms are taken, "certified" upper bounds (matrix products, O(T^2) per head and
-    example) or "exact" eigenvalues (O(T^3), one LAPACK call at a time)."""
+    """Representations and predictive entropies of all ``tokens`` (M x T) (unless not
+    ``representations``); attention statistics of the first ``attention_examples`` sequences only
+    (0: none). ``attention_norm``: how the bounds' spectral norms are taken, "certified" upper
+    bounds (matrix products, O(T^2) per head and example) or "exact" eigenvalues (O(T^3), one
+    LAPACK call at a time)."""
     state = (params, model_state)
-    out = _batched(_representations, graphdef, state, tokens, mesh, batch_size)
+    out = _batched(_representations, graphdef, state, tokens, mesh, batch_size) if representations else {}
     if attention_examples:
         attention = functools.partial(_attention, norm=attention_norm)
         out |= _batched(attention, graphdef, state, tokens[:attention_examples], mesh, batch_size)

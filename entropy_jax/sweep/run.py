@@ -335,7 +335,7 @@ class Prober:
         attention = self.attention_examples if any(self.evaluators[n].needs_attention for n in todo) else 0
         norm = next((e.norm for e in self.evaluators.values() if e.needs_attention), "certified")
         out = probe_forward(self.graphdef, params, model_state, self.tokens, self.mesh, self.batch_size, attention,
-                            norm)
+                            norm, representations=any(self.evaluators[n].needs_representations for n in todo))
         ctx = Context(forward=out, params=params, mesh=self.mesh, spectra={})
         base = {"run": self.run_id, "stage": meta["stage"], "step": step, "tokens_seen": meta["tokens_seen"],
                 "ckpt_hash": ckpt_hash or params_hash(params)}

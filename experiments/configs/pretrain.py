@@ -122,7 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
     # norm="certified": upper bounds on the bounds' spectral norms, O(T^2); "exact": eigenvalues, O(T^3)
     c.probes.attention = dict(type="attention", num_examples=128, norm="certified")
     c.probes.weights = dict(type="weights")
-    c.probes.output = dict(type="output")
+    # Predictive entropy, read from the representation probes' forward pass: free inside training.
+    c.probes.output = dict(type="output", in_training=True)
     return c
 
 
