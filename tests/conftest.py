@@ -46,6 +46,17 @@ def make_test_config(data_dir, **overrides):
     return cfg
 
 
+def load_module(relative_path):
+    """The Python file at ``REPO / relative_path`` as a module (config files and benchmarks are not packages)."""
+    import importlib.util
+
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def restore_params(cfg, workdir, step):
     """The parameters of ``workdir``'s checkpoint ``step`` (model from ``cfg``) as host numpy arrays."""
     import jax

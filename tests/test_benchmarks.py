@@ -1,22 +1,14 @@
 """The train-throughput benchmark: its GEMM list is the step's whole matmul work, and it runs."""
 
-import importlib.util
 import math
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_module
 
 from entropy_jax.models import ModelConfig
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("shape, causal_fraction", [("reference", 0.625), ("tiny", 1.0)])
@@ -24,7 +16,7 @@ def test_step_gemms_are_the_models_matmul_flops(shape, causal_fraction):
     """Sum of 2 m n k over the listed products == 6 N per token (N: matmul parameters) + the attention's
     12 L T d per token, times the fraction of the T x T square the query blocks compute (block i of
     4 covers i quarters: (1 + 2 + 3 + 4) / 16 at T = 256; one full call at T = 64)."""
-    bench = load_benchmark()
+    bench = load_module("benchmarks/train_throughput.py")
     layers, width, heads, seq, batch, vocab = bench.SHAPES[shape]
     mcfg = ModelConfig(vocab_size=vocab, d_model=width, num_layers=layers, num_heads=heads, max_len=seq)
     flops = 0

@@ -1,7 +1,6 @@
 """Fine-tuning stages end to end on the test preset: pretrain -> SFT -> DPO (-> RLVR), with lineage,
 exact resume after SIGKILL, and the one-line errors."""
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, kill_when_exists, restore_params
+from conftest import REPO, kill_when_exists, load_module, restore_params
 
 from entropy_jax import train
 from entropy_jax.analysis.lifecycle import analyse_lineage, lineage_results, lineage_workdirs
@@ -26,10 +25,7 @@ from entropy_jax.workdir import Workdir
 
 def stage_config(stage, data_dir, parent=None, **overrides):
     """``experiments/configs/<stage>.py:test`` with its data under ``data_dir``, started from ``parent``."""
-    spec = importlib.util.spec_from_file_location(f"{stage}_cfg", REPO / "experiments" / "configs" / f"{stage}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("test")
+    cfg = load_module(f"experiments/configs/{stage}.py").get_config("test")
     cfg.data.data_dir = str(data_dir)
     if parent is not None:
         cfg.init_from.workdir = str(parent)

@@ -1,7 +1,6 @@
 """experiments/probe.py and plot.py over several workdirs, the probe set chosen at probe time
 (an imported model's text), and the sweep with FSDP-sharded parameters."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, make_test_config
+from conftest import REPO, load_module, make_test_config
 
 from entropy_jax import train, validate
 from entropy_jax.analysis import load_results
@@ -38,10 +37,7 @@ PROBES = {"probe_set": {"num_sequences": 64, "batch_size": 32},
 def probe_config(probes=None, **probe_set):
     """experiments/configs/probe.py (every key None: the run's own) with ``probe_set`` keys set
     (and, given ``probes``, a probes section replacing the run's)."""
-    spec = importlib.util.spec_from_file_location("probe_cfg", REPO / "experiments" / "configs" / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
+    cfg = load_module("experiments/configs/probe.py").get_config()
     for key, value in probe_set.items():
         cfg.probe_set[key] = value
     if probes is not None:
