@@ -304,12 +304,11 @@ def _attention_model(workdir: str | None, num_examples: int) -> tuple[Any, tuple
                                                                 cfg.train.seq_len), 0)
         tokens = np.random.default_rng(3).integers(0, cfg.data.vocab_size, (num_examples, cfg.train.seq_len))
         return graphdef, (params, model_state), tokens.astype(np.int32), "small preset at init"
-    ckpts = Checkpoints(workdir, read_only=True)
-    step = ckpts.all_steps()[-1]
-    meta = ckpts.read_meta(step)
-    graphdef, params, model_state = abstract_model(ModelConfig(**meta["model_config"]), make_mesh())
-    r = ckpts.restore(step, arrays={"params": params, "model_state": model_state})
-    ckpts.close()
+    with Checkpoints(workdir, read_only=True) as ckpts:
+        step = ckpts.all_steps()[-1]
+        meta = ckpts.read_meta(step)
+        graphdef, params, model_state = abstract_model(ModelConfig(**meta["model_config"]), make_mesh())
+        r = ckpts.restore(step, arrays={"params": params, "model_state": model_state})
     cfg = ml_collections.ConfigDict(meta["config"])
     tokens = data.probe_set(data.load_corpus(cfg.data, cfg.train.seq_len), cfg.probe_set.num_sequences)[0]
     return graphdef, (r["params"], r["model_state"]), tokens[:num_examples], f"{workdir} step {step}"

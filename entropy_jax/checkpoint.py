@@ -93,11 +93,8 @@ def saved_steps(workdir: str | Path) -> list[int]:
     """Checkpoint steps in ``workdir`` (read-only; [] when it has none)."""
     if not (Path(workdir) / "checkpoints").is_dir():
         return []
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
+    with Checkpoints(workdir, read_only=True) as ckpts:
         return ckpts.all_steps()
-    finally:
-        ckpts.close()
 
 
 class Checkpoints:
@@ -111,6 +108,11 @@ class Checkpoints:
 
     ``max_to_keep`` > 0 deletes all but the latest that many after each save, except the steps
     passed to :meth:`protect` (checkpoints an earlier run kept for the probes).
+
+    As a context manager it closes itself (waiting for pending saves) on leaving the block::
+
+        with Checkpoints(workdir, read_only=True) as ckpts:
+            meta = ckpts.read_meta(ckpts.latest_step())
     """
 
     def __init__(self, workdir: str | Path, max_to_keep: int = 0, read_only: bool = False):
@@ -191,3 +193,9 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

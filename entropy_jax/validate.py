@@ -203,11 +203,8 @@ def check_resume(cfg: ml_collections.ConfigDict, workdir: Path) -> tuple[int, di
     steps = saved_steps(workdir)
     if not steps:
         return None
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
+    with Checkpoints(workdir, read_only=True) as ckpts:
         meta = ckpts.read_meta(steps[-1])
-    finally:
-        ckpts.close()
     saved = meta["config"]
     diffs = resume_differences(saved, cfg.to_dict())
     if diffs:
@@ -241,11 +238,8 @@ def check_probe_workdir(value: str | None, probe_config: ml_collections.ConfigDi
     if not steps:
         raise UserError(f"no checkpoints in {workdir / 'checkpoints'}: train first "
                         f"(experiments/pretrain.py --workdir={workdir})")
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
+    with Checkpoints(workdir, read_only=True) as ckpts:
         meta = newest_readable_meta(ckpts, steps)
-    finally:
-        ckpts.close()
     if probe_config is not None and probe_config.get("probes") is not None:
         _check_probes(probe_config.probes.to_dict(), None)
     _, probe_set, overrides = probe_plan(meta, probe_config)

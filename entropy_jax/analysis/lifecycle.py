@@ -40,12 +40,9 @@ SUMMARY_COLUMNS = ("run", "stage", "probe", "layer", "start_step", "end_step", "
 def _latest_meta(workdir: Path) -> dict | None:
     if not (workdir / "checkpoints").is_dir():
         return None
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
+    with Checkpoints(workdir, read_only=True) as ckpts:
         steps = ckpts.all_steps()
         return ckpts.read_meta(steps[-1]) if steps else None
-    finally:
-        ckpts.close()
 
 
 def lineage_workdirs(workdir: str | Path) -> list[Path]:

@@ -407,8 +407,7 @@ def probe_plan(meta: dict, probe_config: ml_collections.ConfigDict | None) -> tu
 
 def _sweep(wd: Workdir, probe_config: ml_collections.ConfigDict | None, mesh: jax.sharding.Mesh | None,
            shard_params: bool = False) -> SweepReport:
-    ckpts = Checkpoints(wd.root, read_only=True)
-    try:
+    with Checkpoints(wd.root, read_only=True) as ckpts:
         steps = ckpts.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoints in {ckpts.directory}: train first (experiments/pretrain.py)")
@@ -436,8 +435,6 @@ def _sweep(wd: Workdir, probe_config: ml_collections.ConfigDict | None, mesh: ja
                 logging.error("skipping step %d: %s", step, e)
                 prober.report.skipped.append((step, str(e)))
         prober.forget_other_steps(steps)
-    finally:
-        ckpts.close()
     return prober.report
 
 

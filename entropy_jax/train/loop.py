@@ -227,8 +227,7 @@ class _Run:
 
     def init_from_parent(self, parent_dir: str, parent_step: int) -> tuple[TrainState, Lineage]:
         parent_wd = Workdir(parent_dir)
-        parent = Checkpoints(parent_wd.root, read_only=True)
-        try:
+        with Checkpoints(parent_wd.root, read_only=True) as parent:
             steps = parent.all_steps()
             if not steps:
                 raise FileNotFoundError(f"init_from.workdir={parent_dir} holds no checkpoints in {parent.directory}")
@@ -239,8 +238,6 @@ class _Run:
             meta = parent.read_meta(step)
             check_same_model(meta["model_config"], self.mcfg, parent.directory, step)
             r = parent.restore(step, arrays={"params": self.params_target, "model_state": self.model_state_target})
-        finally:
-            parent.close()
         logging.info("initialised from %s step %d (stage %s)", parent.directory, step, meta["stage"])
         state = init_state(r["params"], r["model_state"], self.tx, self.cfg.seed)
         lineage = Lineage(

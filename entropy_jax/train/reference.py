@@ -20,11 +20,8 @@ from entropy_jax.sharding import make_mesh
 
 
 def _read_meta(workdir: str | Path, step: int) -> dict:
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
+    with Checkpoints(workdir, read_only=True) as ckpts:
         return ckpts.read_meta(step)
-    finally:
-        ckpts.close()
 
 
 def init_checkpoint(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple[str, int] | None:
@@ -68,11 +65,8 @@ def load_reference(workdir: str | Path, step: int) -> nnx.State:
         raise UserError(f"reference step {step} is not a checkpoint of {workdir}; saved steps: {steps}")
     meta = _read_meta(workdir, step)
     _, params_target, _ = abstract_model(ModelConfig.from_dict(meta["model_config"]), make_mesh())
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
+    with Checkpoints(workdir, read_only=True) as ckpts:
         return ckpts.restore(step, arrays={"params": params_target})["params"]
-    finally:
-        ckpts.close()
 
 
 def prepare_stage(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple[str, int]:
