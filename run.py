@@ -28,13 +28,14 @@ from pathlib import Path
 
 from absl import flags, logging
 
-from entropy_jax import analysis, cli, validate
+from entropy_jax import analysis, cli
 from entropy_jax.analysis.lifecycle import analyse_lineage
 from entropy_jax.cli import start, summarise_training, train_with_probes, user_errors
 from entropy_jax.errors import UserError
 from entropy_jax.sharding import is_writer
 from entropy_jax.sweep import sweep
 from entropy_jax.train.reference import prepare_stage
+from entropy_jax.workdir import Workdir
 
 CONFIGS = Path(__file__).parent / "experiments" / "configs"
 POST_STAGES = ("sft", "dpo", "rlvr")
@@ -61,7 +62,7 @@ def matching_preset(cfg) -> str | None:
     return None
 
 
-def run_stages(pretrain_cfg, workdir: Path, stages: list[str], preset: str) -> tuple[list[Path], list]:
+def run_stages(pretrain_cfg, workdir: Workdir, stages: list[str], preset: str) -> tuple[list[Workdir], list]:
     """Train and probe each stage; returns the workdirs and training results in lineage order."""
     if not stages or stages[0] != "pretrain" or any(s not in POST_STAGES for s in stages[1:]) \
             or len(set(stages)) != len(stages):
@@ -78,8 +79,8 @@ def run_stages(pretrain_cfg, workdir: Path, stages: list[str], preset: str) -> t
         stage_cfg = cli.load_config_file(f"{CONFIGS / stage}.py:{preset}")
         stage_cfg.data.data_dir = cfg.data.data_dir
         stage_cfg.seed = pretrain_cfg.seed  # --config.seed=N gives the whole lifecycle seed N
-        stage_cfg.init_from.workdir = str(parent)
-        stage_dir = validate.workdir_path(f"{workdir}-{stage}")
+        stage_cfg.init_from.workdir = str(parent.root)
+        stage_dir = Workdir.from_flag(f"{workdir.root}-{stage}")
         prepare_stage(stage_cfg, stage_dir)
         results.append(train_with_probes(stage_cfg, stage_dir))
         workdirs.append(stage_dir)
@@ -89,13 +90,13 @@ def run_stages(pretrain_cfg, workdir: Path, stages: list[str], preset: str) -> t
 def main(argv: list[str]) -> None:
     start(argv)
     with user_errors():
-        workdir = validate.workdir_path(flags.FLAGS.workdir)
-        logging.info("workdir: %s", workdir)
+        workdir = Workdir.from_flag(flags.FLAGS.workdir)
+        logging.info("workdir: %s", workdir.root)
         workdirs, results = run_stages(flags.FLAGS.config, workdir, flags.FLAGS.stages, flags.FLAGS.stage_preset)
         reports = [sweep(w) for w in workdirs]
         if not is_writer():
             return
-        validate.check_plot_request(str(workdir), None, None)
+        analysis.check_plot_request(str(workdir.root), None, None)
         analysis_report = analysis.analyse(workdir)
         lifecycle = analyse_lineage(workdirs[-1]) if len(workdirs) > 1 else None
     for result in results:

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from entropy_jax.errors import UserError
+from entropy_jax.workdir import Workdir
 
 
 class ConfigMismatchError(UserError, ValueError):
@@ -91,7 +92,7 @@ class _Retention(ocp.checkpoint_managers.PreservationPolicy):
 
 def saved_steps(workdir: str | Path) -> list[int]:
     """Checkpoint steps in ``workdir`` (read-only; [] when it has none)."""
-    if not (Path(workdir) / "checkpoints").is_dir():
+    if not Workdir(workdir).checkpoints.is_dir():
         return []
     with Checkpoints(workdir, read_only=True) as ckpts:
         return ckpts.all_steps()
@@ -116,7 +117,7 @@ class Checkpoints:
     """
 
     def __init__(self, workdir: str | Path, max_to_keep: int = 0, read_only: bool = False):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = Workdir(workdir).checkpoints
         self._retention = _Retention(max_to_keep) if max_to_keep and not read_only else None
         # The folder is made at the first save, so a run refused before it (a bad config, a
         # mismatched parent) leaves nothing behind.

@@ -32,7 +32,7 @@ from entropy_jax.errors import UserError, did_you_mean
 from entropy_jax.sharding import initialize_distributed
 from entropy_jax.train.loop import TrainingInterrupted
 from entropy_jax.train.metric_writer import read_metrics
-from entropy_jax.workdir import Workdir
+from entropy_jax.workdir import Workdir, check_writable
 
 EXIT_BAD_INPUT = 2
 EXIT_SKIPPED = 3
@@ -212,9 +212,8 @@ def apply_init_flags(cfg, init_from: str | None, init_step: int | None) -> None:
         cfg.init_from.step = init_step
 
 
-def finished_result(workdir: Path, step: int, meta: dict) -> train.TrainResult:
+def finished_result(wd: Workdir, step: int, meta: dict) -> train.TrainResult:
     """The result of a run whose latest checkpoint is its last step, read without writing anything."""
-    wd = Workdir(workdir)
     rows = read_metrics(wd.metrics) if wd.metrics.exists() else []
     loss = rows[-1]["loss"] if rows and rows[-1]["step"] == step else None
     return train.TrainResult(wd.root, step, loss, meta.get("entropy_rate"), saved_steps(wd.root), step)
@@ -223,14 +222,14 @@ def finished_result(workdir: Path, step: int, meta: dict) -> train.TrainResult:
 def train_with_probes(cfg, workdir) -> train.TrainResult:
     """Validate everything, then train, running the config's ``in_training`` probes at the probe
     steps (``train.probe_every``). A finished run is reported without being opened for writing."""
-    workdir = validate.workdir_path(workdir)
+    wd = workdir if isinstance(workdir, Workdir) else Workdir.from_flag(workdir)
     validate.check_config(cfg)
-    resumed = validate.check_resume(cfg, workdir)
+    resumed = validate.check_resume(cfg, wd.root)
     if resumed is not None and resumed[0] == cfg.train.steps:
-        return finished_result(workdir, *resumed)
+        return finished_result(wd, *resumed)
     validate.check_corpus_sizes(cfg)
-    validate.check_writable(workdir, "training")
-    return train.train(cfg, workdir, on_probe_step=sweep.training_hook(cfg, workdir))
+    check_writable(wd.root, "training")
+    return train.train(cfg, wd, on_probe_step=sweep.training_hook(cfg, wd.root))
 
 
 def summarise_training(result) -> str:
@@ -241,8 +240,8 @@ def summarise_training(result) -> str:
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     return (
         f"workdir: {result.workdir}\n"
-        f"checkpoints: {len(result.checkpoint_steps)} in {result.workdir / 'checkpoints'} "
+        f"checkpoints: {len(result.checkpoint_steps)} in {Workdir(result.workdir).checkpoints} "
         f"(steps {result.checkpoint_steps[0]}..{result.checkpoint_steps[-1]})\n"
-        f"metrics: {result.workdir / 'metrics.jsonl'}\n"
+        f"metrics: {Workdir(result.workdir).metrics}\n"
         f"final loss (step {result.final_step}): {loss}{gap}"
     )

@@ -4,14 +4,13 @@ Each check raises :class:`entropy_jax.errors.UserError` with one line naming the
 fix; the entry points print it and exit with status 2 (see :mod:`entropy_jax.cli`).
 
     check_config(cfg)                       # types, ranges, registries, device count, data vs probe set
-    workdir = workdir_path(flags.workdir)   # not empty, not a file
+    workdir = Workdir.from_flag(flags.workdir)   # not empty, not a file
     latest = check_resume(cfg, workdir)     # same model / data / optimiser structure as the saved run
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ import jax
 import ml_collections
 
 from entropy_jax import data
-from entropy_jax.analysis.plots import default_probe
-from entropy_jax.analysis.results import load_results
 from entropy_jax.checkpoint import Checkpoints, saved_steps
 from entropy_jax.config import (
     CheckpointConfig,
@@ -46,7 +43,7 @@ from entropy_jax.sweep.run import (
     sweep_probe_set,
 )
 from entropy_jax.train.losses import make_loss
-from entropy_jax.workdir import Workdir
+from entropy_jax.workdir import Workdir, check_writable
 
 MODEL_MINIMA = {"d_model": 1, "num_layers": 1, "num_heads": 1, "d_ff": 0}
 
@@ -174,26 +171,6 @@ def check_config(cfg: ml_collections.ConfigDict, device_count: int | None = None
 # Workdirs.
 
 
-def workdir_path(value: str | os.PathLike | None, flag: str = "--workdir") -> Path:
-    """The workdir as an absolute path: refused when empty (it would be the current folder) or a file."""
-    if value is None or not str(value).strip():
-        raise UserError(f"{flag} is empty: name the run's folder, e.g. {flag}=runs/demo")
-    path = Path(value).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag}={value} is a file, not a folder: name a folder (new or a run's)")
-    return path
-
-
-def check_writable(path: Path, what: str) -> None:
-    """``path`` (or, if it does not exist yet, its nearest existing parent) must accept new files."""
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK if existing.is_dir() else os.W_OK):
-        raise UserError(f"{existing} is read-only, but {what} writes there: make it writable or use another "
-                        "--workdir")
-
-
 def check_resume(cfg: ml_collections.ConfigDict, workdir: Path) -> tuple[int, dict] | None:
     """If ``workdir`` holds checkpoints: (latest step, its meta), after checking that ``cfg`` can
     resume them (same model, data content, data stream and optimiser structure, and train.steps
@@ -231,7 +208,7 @@ def check_probe_workdir(value: str | None, probe_config: ml_collections.ConfigDi
     ``probes`` are valid and whose ``probe_set`` overrides (None: the run's own) fit the run. An
     override, or an imported model's text probe set, is built and checked against the probe set
     the workdir already holds (:func:`entropy_jax.sweep.run.sweep_probe_set`), writing nothing."""
-    workdir = workdir_path(value)
+    workdir = Workdir.from_flag(value).root
     if not workdir.is_dir():
         raise UserError(f"--workdir={value} does not exist: give a run folder written by experiments/pretrain.py")
     steps = saved_steps(workdir)
@@ -253,31 +230,4 @@ def check_probe_workdir(value: str | None, probe_config: ml_collections.ConfigDi
     if overrides or source.get("kind") == hf.probe_text.KIND:
         sweep_probe_set(Workdir(workdir), meta, probe_set, overrides)
     check_writable(Workdir(workdir).probes, "the probe sweep")
-    return workdir
-
-
-def check_plot_request(value: str | None, probe: str | None, layer: int | None) -> Path:
-    """``plot.py``'s input: a run folder with a results table holding ``probe`` at ``layer``."""
-    workdir = workdir_path(value)
-    if not workdir.is_dir():
-        raise UserError(f"workdir {workdir} does not exist: give a run folder (experiments/pretrain.py --workdir)")
-    wd = Workdir(workdir)
-    if not wd.results.exists():
-        raise UserError(f"no results table at {wd.results}: run experiments/probe.py --workdir={workdir} first")
-    table = load_results(workdir)
-    probes = sorted(table["probe"].unique())
-    if probe is not None and probe not in probes:
-        raise UserError(f"--probe={probe} has no rows in {wd.results}{did_you_mean(probe, probes)} "
-                        f"(probes: {', '.join(probes)})")
-    if layer is not None:
-        try:
-            name = probe or default_probe(table)
-        except ValueError as e:
-            raise UserError(f"{e}: run experiments/probe.py with a representation probe first") from e
-        layers = sorted(int(x) for x in table.loc[table["probe"] == name, "layer"].unique() if x >= 0)
-        if layer not in layers:
-            raise UserError(f"--layer={layer} is not a layer of probe {name!r} (layers: "
-                            f"{', '.join(map(str, layers))})")
-    check_writable(wd.plots, "plot.py")
-    check_writable(wd.phases, "plot.py (probes/phases.csv)")
     return workdir

@@ -10,6 +10,7 @@
   probes/results.parquet      the tidy results table (results.csv where pyarrow is absent)
   probes/spectra/step_<step:08d>.npz
   probes/phases.csv           phase boundaries
+  probes/stages.csv           per-stage summary of a lineage (in its last stage's workdir)
   plots/*.png
 ```
 
@@ -52,8 +53,26 @@ class Workdir:
 
     root: Path
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | os.PathLike):
         object.__setattr__(self, "root", Path(root).absolute())
+
+    def __fspath__(self) -> str:
+        """A Workdir is path-like (its root), so it goes wherever a folder path is accepted."""
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @classmethod
+    def from_flag(cls, value: str | os.PathLike | None, flag: str = "--workdir") -> Workdir:
+        """The workdir a command-line flag names: refused when empty (it would be the current
+        folder) or a file; ``~`` is expanded."""
+        if value is None or not str(value).strip():
+            raise UserError(f"{flag} is empty: name the run's folder, e.g. {flag}=runs/demo")
+        path = Path(value).expanduser().absolute()
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{flag}={value} is a file, not a folder: name a folder (new or a run's)")
+        return cls(path)
 
     @property
     def name(self) -> str:
@@ -91,6 +110,11 @@ class Workdir:
     @property
     def phases(self) -> Path:
         return self.probes / "phases.csv"
+
+    @property
+    def stages(self) -> Path:
+        """The lineage's stage summary (written in the last stage's workdir)."""
+        return self.probes / "stages.csv"
 
     @property
     def plots(self) -> Path:
@@ -191,6 +215,16 @@ class Workdir:
         run_id = f"{self.name}-{uuid.uuid4().hex[:8]}"
         write_text_atomic(self.run_id_file, run_id + "\n")
         return run_id
+
+
+def check_writable(path: Path, what: str) -> None:
+    """``path`` (or, if it does not exist yet, its nearest existing parent) must accept new files."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK if existing.is_dir() else os.W_OK):
+        raise UserError(f"{existing} is read-only, but {what} writes there: make it writable or use another "
+                        "--workdir")
 
 
 @contextlib.contextmanager

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from absl import flags, logging
 
-from entropy_jax import cli, validate
-from entropy_jax.analysis import analyse
+from entropy_jax import cli
+from entropy_jax.analysis import analyse, check_plot_request
 from entropy_jax.analysis.lifecycle import analyse_lineage, given_lineage, lineage_results
 from entropy_jax.cli import start, user_errors
 from entropy_jax.errors import UserError
@@ -49,7 +49,7 @@ _LAYER = flags.DEFINE_integer(
 
 def check_request(values: list[str], probe: str | None, layer: int | None) -> tuple[list[Path], bool]:
     """The workdirs, each checked, and whether they form one lineage (then its probe sets must agree)."""
-    workdirs = [validate.check_plot_request(v, probe, layer) for v in values]
+    workdirs = [check_plot_request(v, probe, layer) for v in values]
     if len(set(workdirs)) < len(workdirs):
         raise UserError(f"a --workdir is given twice ({', '.join(values)}): give each run once")
     lineage = given_lineage(workdirs)

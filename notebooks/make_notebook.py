@@ -34,7 +34,7 @@ WORKDIR = Path(os.environ.get("ENTROPY_JAX_WORKDIR", REPO / "runs" / "demo"))
 table = results.load_results(WORKDIR)
 train_metrics = results.load_optional(results.load_train_metrics, WORKDIR, "the loss curve")
 spectra = results.load_optional(results.load_spectra, WORKDIR, "the eigenspectra")
-PROBE = plots.default_probe(table)
+PROBE = results.default_probe(table)
 LAYER = results.final_layer(table, PROBE)
 print(f"{WORKDIR}: {len(table)} rows, probes {sorted(table['probe'].unique())}")
 print(f"showing probe {PROBE}, layer {LAYER}")"""),

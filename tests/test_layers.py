@@ -95,3 +95,14 @@ def test_probes_import_without_the_training_or_data_stack():
     forbidden |= {"orbax", "orbax.checkpoint", "grain", "tensorflow_datasets"}
     assert not loaded & forbidden, loaded & forbidden
     assert "entropy_jax.probes.spectra" in loaded
+
+
+def test_the_training_path_does_not_import_matplotlib():
+    """What experiments/pretrain.py and posttrain.py import (config checks, training, the in-training
+    probes) leaves the plotting stack out: every training run would otherwise pay for it."""
+    code = ("import sys, entropy_jax.cli, entropy_jax.train, entropy_jax.sweep, entropy_jax.validate; "
+            "print('\\n'.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.split())
+    assert "entropy_jax.train.loop" in loaded and "entropy_jax.validate" in loaded
+    assert not {m for m in loaded if m == "matplotlib" or m.startswith(("matplotlib.", "entropy_jax.analysis"))}

@@ -15,6 +15,7 @@ import pytest
 from conftest import NUM_TEST_DEVICES, REPO, make_test_config
 
 from entropy_jax import cli, validate
+from entropy_jax.analysis import check_plot_request
 from entropy_jax.config import DataConfig, TrainConfig, resume_differences
 from entropy_jax.data import load_corpus
 from entropy_jax.data.text import DatasetUnavailableError, download_failure
@@ -128,11 +129,11 @@ def test_resume_check_against_a_saved_run(data_dir, tiny_run):
 def test_workdir_paths(tmp_path):
     for empty in ("", "  ", None):
         with pytest.raises(UserError, match="--workdir is empty"):
-            validate.workdir_path(empty)
+            Workdir.from_flag(empty)
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match="is a file, not a folder"):
-        validate.workdir_path(str(tmp_path / "afile"))
-    assert validate.workdir_path(str(tmp_path / "new")) == tmp_path / "new"
+        Workdir.from_flag(str(tmp_path / "afile"))
+    assert Workdir.from_flag(str(tmp_path / "new")).root == tmp_path / "new"
 
 
 def _results_table(workdir):
@@ -148,18 +149,18 @@ def _results_table(workdir):
 
 def test_plot_request(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        validate.check_plot_request(str(tmp_path / "nowhere"), None, None)
+        check_plot_request(str(tmp_path / "nowhere"), None, None)
     with pytest.raises(UserError, match="no results table"):
-        validate.check_plot_request(str(tmp_path), None, None)
+        check_plot_request(str(tmp_path), None, None)
     workdir = _results_table(tmp_path / "run")
     with pytest.raises(UserError, match=r"--layer=99 is not a layer of probe 'last_token' \(layers: 0, 1, 2\)"):
-        validate.check_plot_request(str(workdir), None, 99)
+        check_plot_request(str(workdir), None, 99)
     with pytest.raises(UserError, match=r"--probe=last_tokn has no rows .*did you mean 'last_token'"):
-        validate.check_plot_request(str(workdir), "last_tokn", None)
-    assert validate.check_plot_request(str(workdir), "last_token", 2) == workdir
+        check_plot_request(str(workdir), "last_tokn", None)
+    assert check_plot_request(str(workdir), "last_token", 2) == workdir
     assert not (workdir / "plots").exists()
     Workdir(workdir).phases.write_text("step,phase\n")  # an earlier plot's output is rewritten: no error
-    assert validate.check_plot_request(str(workdir), None, None) == workdir
+    assert check_plot_request(str(workdir), None, None) == workdir
 
 
 def test_disk_full_is_one_line_and_other_errors_keep_their_traceback(capsys):

@@ -25,11 +25,11 @@ from matplotlib.patches import Patch
 from matplotlib.scale import FuncScale
 
 from entropy_jax.analysis import phases as ph
-from entropy_jax.analysis.plots import default_probe, save_figure
-from entropy_jax.analysis.results import load_optional, load_results, load_train_metrics
-from entropy_jax.checkpoint import Checkpoints
+from entropy_jax.analysis.plots import save_figure
+from entropy_jax.analysis.results import default_probe, load_optional, load_results, load_train_metrics
+from entropy_jax.checkpoint import Checkpoints, saved_steps
 from entropy_jax.errors import UserError
-from entropy_jax.workdir import Workdir
+from entropy_jax.workdir import Workdir, atomic_path
 
 STAGE_COLOURS = {"pretrain": "0.85", "finetune": "tab:olive", "sft": "tab:blue", "dpo": "tab:green",
                  "rlvr": "tab:red"}
@@ -38,11 +38,11 @@ SUMMARY_COLUMNS = ("run", "stage", "probe", "layer", "start_step", "end_step", "
 
 
 def _latest_meta(workdir: Path) -> dict | None:
-    if not (workdir / "checkpoints").is_dir():
+    steps = saved_steps(workdir)
+    if not steps:
         return None
     with Checkpoints(workdir, read_only=True) as ckpts:
-        steps = ckpts.all_steps()
-        return ckpts.read_meta(steps[-1]) if steps else None
+        return ckpts.read_meta(steps[-1])
 
 
 def lineage_workdirs(workdir: str | Path) -> list[Path]:
@@ -53,7 +53,7 @@ def lineage_workdirs(workdir: str | Path) -> list[Path]:
             raise UserError(f"the lineage of {workdir} loops back to {current}")
         meta = _latest_meta(current)
         if meta is None:
-            raise UserError(f"no checkpoints in {current / 'checkpoints'}: a stage of the lineage of {workdir} is "
+            raise UserError(f"no checkpoints in {Workdir(current).checkpoints}: a stage of the lineage of {workdir} is "
                             "missing (moved or deleted?)")
         chain.append(current)
         parent = meta.get("parent")
@@ -140,9 +140,9 @@ def stage_summary(table: pd.DataFrame, *, probe: str, layers: list[int] | None =
 
 
 def write_stage_summary(summary: pd.DataFrame, workdir: str | Path) -> Path:
-    path = Workdir(workdir).probes / "stages.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    summary.to_csv(path, index=False)
+    path = Workdir(workdir).stages
+    with atomic_path(path) as tmp:
+        summary.to_csv(tmp, index=False)
     return path
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from entropy_jax.analysis.results import metric_trajectory
+from entropy_jax.workdir import Workdir, atomic_path
 
 WARMUP = "warmup"
 ENTROPY_SEEKING = "entropy-seeking"
@@ -324,9 +325,9 @@ def detect_phases(
 
 def write_phases(phases: pd.DataFrame, workdir: str | Path) -> Path:
     """Write the phase table beside the results, to ``workdir/probes/phases.csv``; return the path."""
-    path = Path(workdir) / "probes" / "phases.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    phases.to_csv(path, index=False)
+    path = Workdir(workdir).phases
+    with atomic_path(path) as tmp:
+        phases.to_csv(tmp, index=False)
     return path
 
 

@@ -35,14 +35,6 @@ LOSS_COLUMNS = {
 }
 
 
-def default_probe(results: pd.DataFrame) -> str:
-    """``last_token`` (the Tracing paper's probe) if it has RankMe rows, else the first probe that does."""
-    probes = sorted(results.loc[results["metric"].isin(["rankme_cov", "rankme"]), "probe"].unique())
-    if not probes:
-        raise ValueError("results table has no RankMe rows to plot")
-    return "last_token" if "last_token" in probes else probes[0]
-
-
 def _log_step_axis(ax: Axes) -> None:
     # symlog keeps step 0 (initialisation) visible on an otherwise logarithmic step axis.
     ax.set_xscale("symlog", linthresh=1.0)
@@ -83,7 +75,7 @@ def make_trajectory_figure(
     *, probe: str | None = None, layer: int | None = None, rankme_metric: str | None = None,
 ) -> Figure:
     """RankMe (with the loss on a twin axis) and alpha-ReQ against log step, labelled phases shaded."""
-    probe = probe or default_probe(results)
+    probe = probe or res.default_probe(results)
     layer = res.final_layer(results, probe) if layer is None else layer
     rankme_metric = rankme_metric or ph.pick_rankme_metric(results)
     if phases is not None and not phases.empty:
@@ -219,7 +211,7 @@ DSE_PANELS = {
 def make_dse_figure(results: pd.DataFrame, *, probe: str | None = None) -> Figure:
     """Diffusion spectral entropy against log step, one line per layer: at the median-distance
     bandwidth, at the official fixed sigma, and the bandwidth itself (what the fixed sigma ignores)."""
-    probe = probe or default_probe(results)
+    probe = probe or res.default_probe(results)
     rows = results[(results["probe"] == probe) & (results["head"] == -1)]
     panels = [m for m in DSE_PANELS if m in set(rows["metric"])]
     if "dse_bits" not in panels:
@@ -258,7 +250,7 @@ def plot_trajectories(
 
 def plot_rankme_heatmap(results: pd.DataFrame, path: str | Path, *, probe: str | None = None) -> Path:
     """Save the layer x step heatmap of RankMe for ``probe`` to ``path``."""
-    probe = probe or default_probe(results)
+    probe = probe or res.default_probe(results)
     fig = make_layer_heatmap_figure(
         rankme_by_layer(results, probe), title=f"RankMe ({ph.pick_rankme_metric(results)}) by layer: {probe}",
         colorbar_label="RankMe (effective rank)", layer_label="layer (0 = embedding, L = after final norm)",
@@ -298,15 +290,15 @@ def plot_all(workdir: str | Path, *, probe: str | None = None, layer: int | None
     process (training, a sweep) holds the workdir.
     """
     with Workdir(workdir).lock("plotting", enabled=is_writer(), create=False):
-        return _plot_all(Path(workdir), probe, layer)
+        return _plot_all(Workdir(workdir), probe, layer)
 
 
-def _plot_all(workdir: Path, probe: str | None, layer: int | None) -> list[Path]:
-    out = workdir / "plots"
+def _plot_all(workdir: Workdir, probe: str | None, layer: int | None) -> list[Path]:
+    out = workdir.plots
     results = res.load_results(workdir)
     train_metrics = res.load_optional(res.load_train_metrics, workdir, "the loss curve")
     spectra = res.load_optional(res.load_spectra, workdir, "the eigenspectra plot")
-    probe = probe or default_probe(results)
+    probe = probe or res.default_probe(results)
     layer = res.final_layer(results, probe) if layer is None else layer
     phases = ph.detect_phases(results, train_metrics=train_metrics, probe=probe, layer=layer)
     paths = [

@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 
 from entropy_jax.analysis import phases, plots, results
+from entropy_jax.errors import UserError, did_you_mean
 from entropy_jax.sharding import is_writer
-from entropy_jax.workdir import Workdir
+from entropy_jax.workdir import Workdir, check_writable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,3 +36,30 @@ def analyse(workdir: str | Path, *, probe: str | None = None, layer: int | None 
         phase_table = phases.detect_phases(table, train_metrics=train_metrics)
         return Report(phase_table, phases.write_phases(phase_table, workdir),
                       plots.plot_all(workdir, probe=probe, layer=layer))
+
+
+def check_plot_request(value: str | None, probe: str | None, layer: int | None) -> Path:
+    """``plot.py``'s input: a run folder with a results table holding ``probe`` at ``layer``."""
+    wd = Workdir.from_flag(value)
+    workdir = wd.root
+    if not workdir.is_dir():
+        raise UserError(f"workdir {workdir} does not exist: give a run folder (experiments/pretrain.py --workdir)")
+    if not wd.results.exists():
+        raise UserError(f"no results table at {wd.results}: run experiments/probe.py --workdir={workdir} first")
+    table = results.load_results(workdir)
+    probes = sorted(table["probe"].unique())
+    if probe is not None and probe not in probes:
+        raise UserError(f"--probe={probe} has no rows in {wd.results}{did_you_mean(probe, probes)} "
+                        f"(probes: {', '.join(probes)})")
+    if layer is not None:
+        try:
+            name = probe or results.default_probe(table)
+        except ValueError as e:
+            raise UserError(f"{e}: run experiments/probe.py with a representation probe first") from e
+        layers = sorted(int(x) for x in table.loc[table["probe"] == name, "layer"].unique() if x >= 0)
+        if layer not in layers:
+            raise UserError(f"--layer={layer} is not a layer of probe {name!r} (layers: "
+                            f"{', '.join(map(str, layers))})")
+    check_writable(wd.plots, "plot.py")
+    check_writable(wd.phases, "plot.py (probes/phases.csv)")
+    return workdir

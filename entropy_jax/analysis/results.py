@@ -101,3 +101,11 @@ def final_layer(results: pd.DataFrame, probe: str) -> int:
     if layers.empty:
         raise ValueError(f"no rows for probe {probe!r}; probes present: {sorted(results['probe'].unique())}")
     return int(layers.max())
+
+
+def default_probe(results: pd.DataFrame) -> str:
+    """``last_token`` (the Tracing paper's probe) if it has RankMe rows, else the first probe that does."""
+    probes = sorted(results.loc[results["metric"].isin(["rankme_cov", "rankme"]), "probe"].unique())
+    if not probes:
+        raise ValueError("results table has no RankMe rows to plot")
+    return "last_token" if "last_token" in probes else probes[0]
