@@ -223,13 +223,11 @@ def train_with_probes(cfg, workdir) -> train.TrainResult:
     """Validate everything, then train, running the config's ``in_training`` probes at the probe
     steps (``train.probe_every``). A finished run is reported without being opened for writing."""
     wd = workdir if isinstance(workdir, Workdir) else Workdir.from_flag(workdir)
-    validate.check_config(cfg)
-    resumed = validate.check_resume(cfg, wd.root)
-    if resumed is not None and resumed[0] == cfg.train.steps:
-        return finished_result(wd, *resumed)
-    validate.check_corpus_sizes(cfg)
+    start = train.plan_start(validate.check_config(cfg), wd)
+    if start.finished:
+        return finished_result(wd, start.resume_step, start.resume_meta)
     check_writable(wd.root, "training")
-    return train.train(cfg, wd, on_probe_step=sweep.training_hook(cfg, wd.root))
+    return train.run(start, on_probe_step=sweep.training_hook(cfg, wd.root))
 
 
 def summarise_training(result) -> str:

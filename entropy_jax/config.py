@@ -1,29 +1,30 @@
-"""Typed, frozen views of the ``data``, ``train``, ``checkpoint`` and ``probe_set`` config sections,
-and the resume check: which saved settings a run must keep to continue in the same workdir.
+"""The run config, typed once at the boundary: frozen views of its sections and the whole.
 
-    train = TrainConfig.from_dict(cfg.train)   # UserError naming the key for unknown keys, wrong
-    data = DataConfig.from_dict(cfg.data)      # types and values out of range (all in one line)
+    run = RunConfig.from_config(cfg)   # UserError naming the key: unknown keys (with did-you-mean),
+    run.train.batch_size, run.model    # wrong types, values out of range, sections that disagree
 
-Like :class:`entropy_jax.models.ModelConfig`, each is built once at the boundary from a
-ConfigDict (or the plain dict saved in a checkpoint) and is hashable. Checks here need nothing
-but the section itself; checks across sections or against the machine (batch divisible by the
-device count, probe set no larger than the validation split) live in
-:mod:`entropy_jax.validate`.
+Each section (``data``, ``train``, ``checkpoint``, ``probe_set``, ``init_from``; the model is
+:class:`entropy_jax.models.ModelConfig`) is a frozen dataclass built from a ConfigDict or the
+plain dict saved in a checkpoint. Checks here need nothing but the config; checks against the
+machine (the device count) or a registry of a higher layer (losses, probe types) are in
+:mod:`entropy_jax.validate`, and checks against a workdir in :mod:`entropy_jax.train.start`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from entropy_jax.data import VALID_NAMES, data_dir_of, synthetic_params
+import jax
+
+from entropy_jax.data import VALID_NAMES
 from entropy_jax.data.builders import SYNTHETIC_KINDS, SyntheticParams
-from entropy_jax.data.text import PUBLISHED_TEXT
+from entropy_jax.data.text import text_files
 from entropy_jax.errors import UserError, did_you_mean
 from entropy_jax.models import ModelConfig
+from entropy_jax.models.build import ARCHITECTURES
 
 C = TypeVar("C")
 
@@ -215,87 +216,116 @@ class ProbeSetConfig:
         return _from_dict(cls, section, "probe_set")
 
 
-# ---------------------------------------------------------------------------------------------
-# Resume: what must match between a workdir's saved config and the config of the rerun.
+@dataclasses.dataclass(frozen=True)
+class InitFromConfig:
+    """``config.init_from``: the parent checkpoint a fine-tuning stage starts from ("" = scratch)."""
+
+    workdir: str = ""
+    step: int = -1  # -1 = the parent's latest checkpoint
+
+    def __post_init__(self):
+        if self.step < -1:
+            raise UserError(f"init_from.step={self.step!r} must be a checkpoint step, or -1 for the latest")
+
+    @classmethod
+    def from_dict(cls, section: Any) -> InitFromConfig:
+        return _from_dict(cls, section, "init_from")
+
+
+MODEL_MINIMA = {"d_model": 1, "num_layers": 1, "num_heads": 1, "d_ff": 0}
+
+
+def model_section(model: Mapping[str, Any], vocab_size: int, seq_len: int) -> ModelConfig:
+    """``config.model`` plus what the data decides (vocabulary, context), as a ModelConfig; UserError
+    naming the key for a non-integer size, an unregistered architecture, an unknown key or a shape
+    the model refuses (heads not dividing the width, say)."""
+    model = _as_dict(model)
+    for key, low in MODEL_MINIMA.items():
+        value = model.get(key, ModelConfig.default(key))
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"model.{key}={value!r} must be an integer >= {low}")
+    arch = model.get("arch", "transformer")
+    if arch not in ARCHITECTURES:
+        raise UserError(f"model.arch={arch!r} is not registered{did_you_mean(arch, ARCHITECTURES)} "
+                        f"(registered: {', '.join(sorted(ARCHITECTURES))})")
+    unknown = sorted(set(model) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise UserError(f"unknown config key model.{unknown[0]}"
+                        f"{did_you_mean(unknown[0], ModelConfig.__dataclass_fields__)}")
+    try:  # ModelConfig checks divisibility and the choice fields with ValueError: input errors here
+        return ModelConfig.from_dict({**model, "vocab_size": vocab_size, "max_len": seq_len})
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from e
 
 
 @dataclasses.dataclass(frozen=True)
-class Difference:
-    key: str  # dotted config key
-    saved: Any
-    now: Any
-    why: str = ""
+class RunConfig:
+    """A whole training run's config, typed: what training reads. ``raw`` is the config as given
+    (a plain dict), saved in every checkpoint's metadata and read by the probes of its sections
+    (``probes``) that belong to the sweep."""
 
-    def __str__(self) -> str:
-        return f"{self.key}: {self.saved!r} -> {self.now!r}" + (f" ({self.why})" if self.why else "")
+    seed: int
+    stage: str
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    probe_set: ProbeSetConfig
+    init_from: InitFromConfig
+    model: ModelConfig
+    raw: dict = dataclasses.field(repr=False, compare=False)
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> RunConfig:
+        """Type and check every section of ``cfg`` (a ConfigDict or dict); a RunConfig passes through."""
+        if isinstance(cfg, RunConfig):
+            return cfg
+        raw = _as_dict(cfg)
+        seed, stage = raw.get("seed"), raw.get("stage")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UserError(f"seed={seed!r} must be an integer")
+        if not isinstance(stage, str) or not stage:
+            raise UserError(f"stage={stage!r} must be a name such as 'pretrain' or 'finetune'")
+        data, train = DataConfig.from_dict(raw["data"]), TrainConfig.from_dict(raw["train"])
+        probe_set = ProbeSetConfig.from_dict(raw["probe_set"])
+        _check_data_against_train(data, train, probe_set)
+        return cls(seed=seed, stage=stage, data=data, train=train,
+                   checkpoint=CheckpointConfig.from_dict(raw["checkpoint"]), probe_set=probe_set,
+                   init_from=InitFromConfig.from_dict(raw.get("init_from", {})),
+                   model=model_section(raw["model"], data.model_vocab_size, train.seq_len), raw=raw)
 
-def _section(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
-    value = cfg.get(name) or {}
-    return _as_dict(value)
+    def with_data(self, **keys: Any) -> RunConfig:
+        """The same run with ``data`` keys replaced (in the typed section and in ``raw``)."""
+        raw = {**self.raw, "data": {**self.raw["data"], **keys}}
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, **keys), raw=raw)
 
-
-def _resolved(path: str) -> str:
-    return os.path.realpath(os.path.expanduser(path)) if path else ""
-
-
-def data_identity(data: Mapping[str, Any], seq_len: int) -> dict[str, Any]:
-    """What fixes a corpus's content, by config key: the parameters its builder uses (synthetic:
-    those that change the data of its kind) and the resolved folders. ``data.download`` and the
-    spelling of a path (``~``, relative, the TFDS default written out) are not part of it."""
-    out: dict[str, Any] = {"name": data.get("name", DataConfig.name),
-                           "data_dir": _resolved(data_dir_of(data))}
-    if out["name"] in SYNTHETIC_KINDS:
-        relevant = synthetic_params(data, seq_len).relevant()
-        names = {"kind": None, "seq_len": None, "seed": "data_seed"}
-        out |= {names.get(k, k): v for k, v in relevant.items() if names.get(k, k)}
-        out["stored_seq_len"] = int(data.get("stored_seq_len", 0) or 0)
-    elif out["name"] == "text_folder":
-        out["text_dir"] = _resolved(str(data.get("text_dir", "")))
-    elif out["name"] not in PUBLISHED_TEXT:  # generated corpora: every key but the download switch
-        out |= {k: v for k, v in data.items() if k not in ("download", "data_dir", "text_dir", "name")}
-    return out
-
-
-def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[Difference]:
-    """The differences between a saved config and the current one that forbid resuming.
-
-    What matters: the model (every key; a key missing from an older save means the ModelConfig
-    default), the data's content (:func:`data_identity`), the data stream (``seed``,
-    ``train.batch_size``, ``train.seq_len``) and the optimiser state's structure (clipping on or
-    off: ``train.grad_clip`` > 0 adds a chain element). Everything else (steps, schedule, logging,
-    checkpoint schedule, probes, the values of lr, betas, weight decay and clip norm) may change.
-    """
-    diffs: list[Difference] = []
-    if saved.get("seed") != current.get("seed"):
-        diffs.append(Difference("seed", saved.get("seed"), current.get("seed"), "initialisation and data order"))
-    sm, cm = _section(saved, "model"), _section(current, "model")
-    for k in sorted(set(sm) | set(cm)):
-        a, b = sm.get(k, ModelConfig.default(k)), cm.get(k, ModelConfig.default(k))
-        if a != b:
-            diffs.append(Difference(f"model.{k}", a, b))
-    st, ct = _section(saved, "train"), _section(current, "train")
-    for k in ("batch_size", "seq_len"):
-        if st.get(k) != ct.get(k):
-            diffs.append(Difference(f"train.{k}", st.get(k), ct.get(k), "the data stream"))
-    sd = data_identity(_section(saved, "data"), int(st.get("seq_len", 0) or 0))
-    cd = data_identity(_section(current, "data"), int(ct.get("seq_len", 0) or 0))
-    for k in sorted(set(sd) | set(cd)):
-        if sd.get(k) != cd.get(k):
-            raw = {"data_dir": "data_dir", "text_dir": "text_dir"}.get(k)
-            a = _section(saved, "data").get(raw) if raw else sd.get(k)
-            b = _section(current, "data").get(raw) if raw else cd.get(k)
-            diffs.append(Difference(f"data.{k}", a, b, "the corpus"))
-    a, b = float(st.get("grad_clip", 0) or 0), float(ct.get("grad_clip", 0) or 0)
-    if (a > 0) != (b > 0):
-        diffs.append(Difference("train.grad_clip", a, b, "clipping on/off changes the optimiser state"))
-    return diffs
+    def to_dict(self) -> dict:
+        return self.raw
 
 
-def resume_mismatch_message(directory: Any, step: int, diffs: list[Difference]) -> str:
-    """One line: where, which keys differ, and that rerunning with the saved values resumes."""
-    flags = " ".join(f"--config.{d.key}={d.saved}" for d in diffs if not isinstance(d.saved, (dict, list)))
-    return (f"{directory} holds checkpoints (latest step {step}) of a different config: "
-            + "; ".join(map(str, diffs))
-            + f". To resume that run, rerun with its saved config (in checkpoint {step}'s meta)"
-            + (f", i.e. add {flags}" if flags else "") + "; to start another run, use a new --workdir.")
+def _check_data_against_train(d: DataConfig, train: TrainConfig, probe_set: ProbeSetConfig) -> None:
+    """Sizes that the config alone fixes for synthetic corpora (a text corpus's sizes are known
+    once it is prepared, and :mod:`entropy_jax.train.start` checks them then)."""
+    if not d.synthetic:
+        if d.name == "text_folder":
+            try:
+                text_files(d.text_dir)
+            except FileNotFoundError as e:
+                raise UserError(str(e)) from e
+        return
+    stored = d.stored_seq_len or train.seq_len
+    if stored < train.seq_len:
+        raise UserError(f"data.stored_seq_len={stored} is shorter than train.seq_len={train.seq_len}")
+    if d.name == "assoc_pairs" and stored % 2:
+        raise UserError(f"assoc_pairs needs an even sequence length; train.seq_len={train.seq_len} is odd")
+    check_split_sizes(d.num_train, d.num_val, train, probe_set)
+
+
+def check_split_sizes(num_train: int, num_val: int, train: TrainConfig, probe_set: ProbeSetConfig) -> None:
+    """The probe set fits the validation split and a batch fits each process's share of the training split."""
+    num_processes = jax.process_count()
+    if probe_set.num_sequences > num_val:
+        raise UserError(f"probe_set.num_sequences={probe_set.num_sequences} is larger than the validation split "
+                        f"({num_val} sequences): lower it or raise data.num_val")
+    if num_train // num_processes < train.batch_size // num_processes:
+        raise UserError(f"the training split has {num_train} sequences, fewer than one batch "
+                        f"(train.batch_size={train.batch_size})")

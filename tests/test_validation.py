@@ -16,13 +16,14 @@ from conftest import NUM_TEST_DEVICES, REPO, make_test_config
 
 from entropy_jax import cli, validate
 from entropy_jax.analysis import check_plot_request
-from entropy_jax.config import DataConfig, TrainConfig, resume_differences
+from entropy_jax.config import DataConfig, TrainConfig
 from entropy_jax.data import load_corpus
 from entropy_jax.data.text import DatasetUnavailableError, download_failure
 from entropy_jax.errors import UserError
 from entropy_jax.sweep.table import RESULTS_COLUMNS
 from entropy_jax.train.metric_writer import read_metrics
 from entropy_jax.train.optim import make_optimizer
+from entropy_jax.train.start import plan_start, resume_differences
 from entropy_jax.workdir import Workdir
 
 CONFIG = str(REPO / "experiments/configs/pretrain.py")
@@ -112,13 +113,15 @@ def test_resume_check_against_a_saved_run(data_dir, tiny_run):
     cfg, workdir, _ = tiny_run
     before = _snapshot(workdir)
     with pytest.raises(UserError, match=r"train\.grad_clip: 1\.0 -> 0\.0 .*--config\.train\.grad_clip=1\.0"):
-        validate.check_resume(make_test_config(data_dir, **{"train.grad_clip": 0.0}), workdir)
+        plan_start(make_test_config(data_dir, **{"train.grad_clip": 0.0}), workdir)
     with pytest.raises(UserError, match=r"train\.steps=20 is below the latest checkpoint .*\(step 80\)"):
-        validate.check_resume(make_test_config(data_dir, **{"train.steps": 20}), workdir)
+        plan_start(make_test_config(data_dir, **{"train.steps": 20}), workdir)
     same = make_test_config(data_dir, **{"data.download": True, "data.data_dir": f"{data_dir}/."})
-    step, meta = validate.check_resume(same, workdir)
-    assert step == 80 and meta["step"] == 80
-    assert same.data.download is False and same.data.data_dir == str(data_dir)  # the saved spelling
+    start = plan_start(same, workdir)
+    assert start.resume_step == 80 and start.resume_meta["step"] == 80 and start.finished
+    saved = start.config
+    assert saved.data.download is False and saved.data.data_dir == str(data_dir)  # the saved spelling
+    assert saved.raw["data"]["download"] is False and saved.raw["data"]["data_dir"] == str(data_dir)
     # A finished run is reported without opening anything for writing (metrics.jsonl included).
     result = cli.train_with_probes(make_test_config(data_dir), workdir)
     assert result.final_step == 80 and result.resumed_from == 80 and len(result.checkpoint_steps) == 8

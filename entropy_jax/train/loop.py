@@ -32,25 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 from tqdm import tqdm
 
 from entropy_jax import data
-from entropy_jax.checkpoint import (
-    Checkpoints,
-    ConfigMismatchError,
-    corpus_differences,
-    corpus_fingerprint,
-    is_save_step,
-)
-from entropy_jax.config import resume_differences
-from entropy_jax.models import ModelConfig, abstract_like, abstract_model, init_model, model_config
+from entropy_jax.checkpoint import Checkpoints, corpus_fingerprint, is_save_step
+from entropy_jax.errors import UserError
+from entropy_jax.models import abstract_like, abstract_model, init_model
 from entropy_jax.sharding import is_writer, make_mesh, replicated, shard_batch
 from entropy_jax.train.losses import make_loss
 from entropy_jax.train.metric_writer import MetricWriter, read_metrics
 from entropy_jax.train.optim import make_optimizer, make_schedule
+from entropy_jax.train.start import Parent, Start, plan_start
 from entropy_jax.train.step import TrainState, init_state, make_flat_train_step
-from entropy_jax.workdir import Workdir
 
 # Called in the training process at its probe steps (train.probe_every): (step, state, metadata).
 ProbeHook = Callable[[int, TrainState, dict], None]
@@ -139,23 +132,24 @@ class _Progress:
         self.bar.close()
 
 
-def probe_source_of(cfg: ml_collections.ConfigDict) -> dict:
-    """What fixes a run's probe sequences: its data config, sequence length and probe-set size."""
-    return {"data": cfg.data.to_dict(), "seq_len": cfg.train.seq_len, "probe_set": cfg.probe_set.to_dict()}
+def probe_source_of(config: dict) -> dict:
+    """What fixes a run's probe sequences (``config``: a saved config dict): its data config,
+    sequence length and probe-set size."""
+    return {"data": dict(config["data"]), "seq_len": config["train"]["seq_len"],
+            "probe_set": dict(config["probe_set"])}
 
 
 class _Run:
     """One training run's fixed parts: config, corpus, model skeleton, optimiser, checkpoints."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Workdir):
-        self.cfg, self.workdir = cfg, workdir
-        self.corpus = data.load_corpus(cfg.data, cfg.train.seq_len)
-        self.mcfg = model_config(cfg.model, self.corpus.vocab_size, cfg.train.seq_len)
+    def __init__(self, start: Start):
+        cfg = start.config
+        self.cfg, self.workdir, self.corpus, self.mcfg = cfg, start.workdir, start.corpus, cfg.model
         self.mesh = make_mesh()
         self.tx, self.schedule = make_optimizer(cfg.train), make_schedule(cfg.train)
         self.graphdef, self.params_target, self.model_state_target = abstract_model(self.mcfg, self.mesh)
         self.iterator = data.make_train_iterator(self.corpus, cfg.train.batch_size, cfg.seed)
-        self.ckpts = Checkpoints(workdir.root, cfg.checkpoint.max_to_keep)
+        self.ckpts = Checkpoints(self.workdir, cfg.checkpoint.max_to_keep)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
 
     def meta(self, step: int, lineage: Lineage) -> dict:
@@ -167,7 +161,7 @@ class _Run:
             "parent": lineage.parent,
             "tokens_at_start": lineage.tokens_at_start,
             "probe_source": lineage.probe_source,
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.raw,
             "model_config": dataclasses.asdict(self.mcfg),
             "corpus": self.corpus.info,
             "corpus_fingerprint": corpus_fingerprint(self.corpus.info),
@@ -185,19 +179,6 @@ class _Run:
     def replicated(self, tree: Any) -> Any:
         return jax.device_put(tree, replicated(self.mesh))
 
-    def check_resumable(self, step: int, saved: dict) -> None:
-        """Refuse a resume whose config or corpus differs from the checkpoint's, naming the differences."""
-        diffs = [str(d) for d in resume_differences(saved["config"], self.cfg.to_dict())]
-        if "corpus" in saved or "corpus_fingerprint" in saved:
-            saved_corpus = saved.get("corpus_fingerprint") or corpus_fingerprint(saved["corpus"])
-            diffs += corpus_differences(saved_corpus, corpus_fingerprint(self.corpus.info))
-        if diffs:
-            raise ConfigMismatchError(
-                f"{self.ckpts.directory} holds checkpoints (latest step {step}) of a different config or "
-                "corpus: " + "; ".join(diffs) + ". To resume that run, rerun with its saved config (in "
-                f"checkpoint {step}'s meta) and corpus; to start another run, use a new --workdir."
-            )
-
     def keep_earlier_checkpoints(self, saved: dict) -> None:
         """Checkpoints saved under another retention (e.g. keep-all) are never pruned by this one."""
         keep = self.cfg.checkpoint.max_to_keep
@@ -208,9 +189,7 @@ class _Run:
             logging.info("keeping the %d checkpoints saved with checkpoint.max_to_keep=%s; "
                          "max_to_keep=%d applies to new ones only", len(steps), saved_keep, keep)
 
-    def resume(self, step: int) -> tuple[TrainState, Lineage]:
-        saved = self.ckpts.read_meta(step)
-        self.check_resumable(step, saved)
+    def resume(self, step: int, saved: dict) -> tuple[TrainState, Lineage]:
         self.keep_earlier_checkpoints(saved)
         opt_target = abstract_like(jax.eval_shape(self.tx.init, self.params_target), replicated(self.mesh))
         rng_target = {"key": jax.ShapeDtypeStruct((2,), jax.numpy.uint32, sharding=replicated(self.mesh))}
@@ -225,27 +204,19 @@ class _Run:
                           probe_source=saved.get("probe_source"))
         return state, lineage
 
-    def init_from_parent(self, parent_dir: str, parent_step: int) -> tuple[TrainState, Lineage]:
-        parent_wd = Workdir(parent_dir)
-        with Checkpoints(parent_wd.root, read_only=True) as parent:
-            steps = parent.all_steps()
-            if not steps:
-                raise FileNotFoundError(f"init_from.workdir={parent_dir} holds no checkpoints in {parent.directory}")
-            step = steps[-1] if parent_step < 0 else parent_step
-            if step not in steps:
-                raise FileNotFoundError(f"init_from.step={step} is not a checkpoint of {parent.directory}; "
-                                        f"saved steps: {steps}")
-            meta = parent.read_meta(step)
-            check_same_model(meta["model_config"], self.mcfg, parent.directory, step)
-            r = parent.restore(step, arrays={"params": self.params_target, "model_state": self.model_state_target})
-        logging.info("initialised from %s step %d (stage %s)", parent.directory, step, meta["stage"])
+    def init_from_parent(self, parent: Parent) -> tuple[TrainState, Lineage]:
+        with Checkpoints(parent.workdir, read_only=True) as ckpts:
+            r = ckpts.restore(parent.step, arrays={"params": self.params_target,
+                                                   "model_state": self.model_state_target})
+        meta = parent.meta
+        logging.info("initialised from %s step %d (stage %s)", parent.workdir.checkpoints, parent.step, meta["stage"])
         state = init_state(r["params"], r["model_state"], self.tx, self.cfg.seed)
         lineage = Lineage(
             run_id=self.workdir.run_id(create=jax.process_index() == 0), stage=self.cfg.stage,
-            parent={"run_id": meta.get("run_id", parent_wd.name), "workdir": str(parent_wd.root), "step": step,
-                    "stage": meta["stage"]},
+            parent={"run_id": meta.get("run_id", parent.workdir.name), "workdir": str(parent.workdir),
+                    "step": parent.step, "stage": meta["stage"]},
             tokens_at_start=int(meta["tokens_seen"]),
-            probe_source=meta.get("probe_source") or probe_source_of(ml_collections.ConfigDict(meta["config"])),
+            probe_source=meta.get("probe_source") or probe_source_of(meta["config"]),
         )
         return self.replicated(state), lineage
 
@@ -255,49 +226,42 @@ class _Run:
         return self.replicated(init_state(params, model_state, self.tx, self.cfg.seed)), lineage
 
 
-def check_same_model(saved: dict, mcfg: ModelConfig, where: Path, step: int) -> None:
-    """Refuse to start from a checkpoint whose model config differs, naming the differing keys."""
-    ours = dataclasses.asdict(mcfg)
-    diffs = [f"{k}: {saved.get(k)!r} (checkpoint) vs {ours.get(k)!r} (this config)"
-             for k in sorted(set(saved) | set(ours)) if saved.get(k, ModelConfig.default(k)) != ours.get(k)]
-    if diffs:
-        raise ConfigMismatchError(
-            f"cannot initialise from {where} step {step}: its model differs ({'; '.join(diffs)}). "
-            "Use the parent's model config (e.g. the same --config preset)."
-        )
+def train(cfg: Any, workdir: str | os.PathLike, on_probe_step: ProbeHook | None = None) -> TrainResult:
+    """Train ``cfg`` (a ConfigDict or RunConfig) into ``workdir``: :func:`plan_start`, then :func:`run`."""
+    return run(plan_start(cfg, workdir), on_probe_step)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
-          on_probe_step: ProbeHook | None = None) -> TrainResult:
-    """Train ``cfg`` into ``workdir`` (resume, else init from a parent, else scratch); see the module doc.
+def run(start: Start, on_probe_step: ProbeHook | None = None) -> TrainResult:
+    """Train from ``start`` (resume, init from a parent, or scratch); see the module doc.
 
     Raises:
       WorkdirBusyError: another process holds the workdir's lock.
       TrainingInterrupted: SIGINT or SIGTERM arrived; the run stopped cleanly between steps.
     """
-    wd = Workdir(workdir)
-    with wd.lock("training", enabled=is_writer()), _StopSignals() as stop:
-        return _train(cfg, wd, on_probe_step, stop)
+    with start.workdir.lock("training", enabled=is_writer()), _StopSignals() as stop:
+        return _train(start, on_probe_step, stop)
 
 
-def _train(cfg: ml_collections.ConfigDict, wd: Workdir, on_probe_step: ProbeHook | None,
-           stop: _StopSignals) -> TrainResult:
-    run = _Run(cfg, wd)
+def _train(start: Start, on_probe_step: ProbeHook | None, stop: _StopSignals) -> TrainResult:
+    run, cfg, wd = _Run(start), start.config, start.workdir
     try:
-        start = run.ckpts.latest_step()
-        if start is not None:
-            state, lineage = run.resume(start)
-        elif cfg.init_from.workdir:
-            state, lineage = run.init_from_parent(cfg.init_from.workdir, cfg.init_from.step)
+        latest = run.ckpts.latest_step()
+        if latest != start.resume_step:  # another writer saved between the plan and the lock
+            raise UserError(f"{wd.checkpoints} changed while this run started (latest step {latest}, "
+                            f"planned {start.resume_step}): rerun the command")
+        if latest is not None:
+            state, lineage = run.resume(latest, start.resume_meta)
+        elif start.parent is not None:
+            state, lineage = run.init_from_parent(start.parent)
         else:
             state, lineage = run.scratch()
-        if start is None:
+        if latest is None:
             meta = run.save(state, lineage)
             if on_probe_step is not None and cfg.train.probe_every:
                 on_probe_step(0, state, meta)
-        writer = MetricWriter(wd.metrics, resume_step=start or 0, tensorboard=cfg.train.tensorboard)
+        writer = MetricWriter(wd.metrics, resume_step=latest or 0, tensorboard=cfg.train.tensorboard)
         try:
-            last = _loop(run, state, lineage, writer, start or 0, on_probe_step, stop)
+            last = _loop(run, state, lineage, writer, latest or 0, on_probe_step, stop)
         finally:
             writer.close()
     finally:
@@ -308,7 +272,7 @@ def _train(cfg: ml_collections.ConfigDict, wd: Workdir, on_probe_step: ProbeHook
     if last_loss is None and wd.metrics.exists():  # nothing left to train: report the log
         rows = read_metrics(wd.metrics)
         last_loss = rows[-1]["loss"] if rows else None
-    return TrainResult(wd.root, cfg.train.steps, last_loss, run.corpus.entropy_rate, run.ckpts.all_steps(), start)
+    return TrainResult(wd.root, cfg.train.steps, last_loss, run.corpus.entropy_rate, run.ckpts.all_steps(), latest)
 
 
 def _probe_step(step: int, saved: bool, probe_every: int) -> bool:
@@ -329,7 +293,7 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
     total, ck = cfg.train.steps, cfg.checkpoint
     leaves, treedef = jax.tree.flatten(state)
     del state  # its arrays are donated to the first step
-    train_step = make_flat_train_step(run.graphdef, run.tx, run.schedule, make_loss(cfg.train.loss.to_dict()),
+    train_step = make_flat_train_step(run.graphdef, run.tx, run.schedule, make_loss(cfg.train.loss),
                                       treedef)
     progress, pending, last = _Progress(start, total), None, {"loss": None, "saved": start, "step": start}
     window = collections.deque([(start, time.perf_counter())], maxlen=21)  # rate over the last 20 steps

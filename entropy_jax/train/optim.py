@@ -11,16 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from entropy_jax.config import TrainConfig
 
-def make_schedule(train_cfg: Mapping[str, Any]) -> optax.Schedule:
+
+def _typed(train_cfg: TrainConfig | Mapping[str, Any]) -> TrainConfig:
+    return train_cfg if isinstance(train_cfg, TrainConfig) else TrainConfig.from_dict(train_cfg)
+
+
+def make_schedule(train_cfg: TrainConfig | Mapping[str, Any]) -> optax.Schedule:
     """Linear warmup from 0 to ``lr`` over ``warmup_steps``, cosine to ``end_lr`` at ``steps``."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=train_cfg["lr"],
-        warmup_steps=train_cfg["warmup_steps"],
-        decay_steps=max(train_cfg["steps"], train_cfg["warmup_steps"] + 1),
-        end_value=train_cfg["end_lr"],
-    )
+    t = _typed(train_cfg)
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
+                                              decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.end_lr)
 
 
 def decay_mask(params: Any) -> Any:
@@ -76,21 +78,10 @@ def kappatune(num_trained: int) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+def make_optimizer(train_cfg: TrainConfig | Mapping[str, Any]) -> optax.GradientTransformation:
     """AdamW (with clipping when ``grad_clip`` > 0), then KappaTune when ``kappatune`` > 0."""
-    tx = _adamw(train_cfg)
-    num_trained = int(train_cfg.get("kappatune", 0) or 0)
-    return optax.chain(tx, kappatune(num_trained)) if num_trained > 0 else tx
-
-
-def _adamw(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
-    adamw = optax.adamw(
-        make_schedule(train_cfg),
-        b1=train_cfg["b1"],
-        b2=train_cfg["b2"],
-        weight_decay=train_cfg["weight_decay"],
-        mask=decay_mask,
-    )
-    if train_cfg["grad_clip"] > 0:
-        return optax.chain(optax.clip_by_global_norm(train_cfg["grad_clip"]), adamw)
-    return adamw
+    t = _typed(train_cfg)
+    tx = optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
+    if t.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
+    return optax.chain(tx, kappatune(t.kappatune)) if t.kappatune > 0 else tx
