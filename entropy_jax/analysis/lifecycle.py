@@ -26,10 +26,10 @@ from matplotlib.scale import FuncScale
 
 from entropy_jax.analysis import phases as ph
 from entropy_jax.analysis.plots import save_figure
-from entropy_jax.analysis.results import default_probe, load_optional, load_results, load_train_metrics
+from entropy_jax.analysis.results import default_probe, load_optional, load_results, load_train_metrics, write_csv
 from entropy_jax.checkpoint import Checkpoints, saved_steps
 from entropy_jax.errors import UserError
-from entropy_jax.workdir import Workdir, atomic_path
+from entropy_jax.workdir import Workdir
 
 STAGE_COLOURS = {"pretrain": "0.85", "finetune": "tab:olive", "sft": "tab:blue", "dpo": "tab:green",
                  "rlvr": "tab:red"}
@@ -140,10 +140,7 @@ def stage_summary(table: pd.DataFrame, *, probe: str, layers: list[int] | None =
 
 
 def write_stage_summary(summary: pd.DataFrame, workdir: str | Path) -> Path:
-    path = Workdir(workdir).stages
-    with atomic_path(path) as tmp:
-        summary.to_csv(tmp, index=False)
-    return path
+    return write_csv(summary, Workdir(workdir).stages)
 
 
 def format_stage_summary(summary: pd.DataFrame) -> str:

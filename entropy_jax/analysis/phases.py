@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from entropy_jax.analysis.results import metric_trajectory
-from entropy_jax.workdir import Workdir, atomic_path
+from entropy_jax.analysis.results import metric_trajectory, write_csv
+from entropy_jax.workdir import Workdir
 
 WARMUP = "warmup"
 ENTROPY_SEEKING = "entropy-seeking"
@@ -325,10 +325,7 @@ def detect_phases(
 
 def write_phases(phases: pd.DataFrame, workdir: str | Path) -> Path:
     """Write the phase table beside the results, to ``workdir/probes/phases.csv``; return the path."""
-    path = Workdir(workdir).phases
-    with atomic_path(path) as tmp:
-        phases.to_csv(tmp, index=False)
-    return path
+    return write_csv(phases, Workdir(workdir).phases)
 
 
 def format_phases(phases: pd.DataFrame) -> str:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from entropy_jax.sweep.table import RESULTS_COLUMNS, load_results
 from entropy_jax.train.metric_writer import read_metrics
-from entropy_jax.workdir import Workdir
+from entropy_jax.workdir import Workdir, atomic_path
 
 __all__ = ["RESULTS_COLUMNS", "final_layer", "load_optional", "load_results", "load_spectra", "load_train_metrics",
            "metric_trajectory"]
@@ -109,3 +109,10 @@ def default_probe(results: pd.DataFrame) -> str:
     if not probes:
         raise ValueError("results table has no RankMe rows to plot")
     return "last_token" if "last_token" in probes else probes[0]
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> Path:
+    """Write ``table`` to ``path`` as CSV through a temporary file and an atomic rename; return ``path``."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return path
