@@ -120,13 +120,19 @@ def test_cached_decoding_equals_the_full_forward(switches):
     tokens = jax.random.randint(jax.random.key(8), (3, P_LEN + ANSWER), 0, v)
     graphdef, state = nnx.split(model)
     full = np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens))
-    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c))
+    traces = []
+
+    @jax.jit
+    def step(s, t, c):
+        traces.append(t.shape)
+        return nnx.merge(graphdef, s)(t, cache=c)
+
     logits, cache = step(state, tokens[:, :P_LEN], model.init_cache(3, P_LEN + ANSWER))
     cached = [np.asarray(logits)]
     for i in range(P_LEN, P_LEN + ANSWER):
         logits, cache = step(state, tokens[:, i:i + 1], cache)
         cached.append(np.asarray(logits))
-    assert int(cache.end) == P_LEN + ANSWER and step._cache_size() == 2  # prefill + one decode step
+    assert int(cache.end) == P_LEN + ANSWER and traces == [(3, P_LEN), (3, 1)]  # prefill + one decode step
     np.testing.assert_allclose(np.concatenate(cached, axis=1), full, rtol=1e-5, atol=1e-5)
     assert np.abs(full[:, 1:] - full[:, :-1]).max() > 0.1  # positions differ: a wrong position would show
 
