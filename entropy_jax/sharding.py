@@ -1,15 +1,17 @@
 """The device mesh and the few helpers around it.
 
 One mesh with a single ``data`` axis over every device of every process. Batches are
-sharded with ``P("data")``; parameters are replicated (FSDP would be a change to
-``param_sharding`` only). The axis type is ``Auto``: model code stays free of sharding
-annotations and XLA inserts the gradient all-reduce. Per-device code (probe statistics)
-uses ``jax.shard_map`` with an explicit ``psum`` instead.
+sharded with ``P("data")``; parameters are replicated, or split FSDP-style over ``data``
+(:func:`fsdp_sharding`) where a model is larger than one device's memory. The axis type is
+``Auto``: model code stays free of sharding annotations and XLA inserts the gradient
+all-reduce. Per-device code (probe statistics) uses ``jax.shard_map`` with an explicit ``psum``
+instead.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,6 +58,22 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], num_devices: int) -> P:
+    """FSDP-style placement of one array: its largest axis divisible by the device count split
+    over ``data``; replicated when no axis divides (biases of odd width, scalars)."""
+    axes = [a for a in np.argsort(shape)[::-1] if shape[a] % num_devices == 0 and shape[a] >= num_devices]
+    if num_devices == 1 or not axes:
+        return P()
+    spec = [None] * len(shape)
+    spec[axes[0]] = DATA_AXIS
+    return P(*spec)
+
+
+def fsdp_sharding(tree: Any, mesh: Mesh) -> Any:
+    """:func:`fsdp_spec` for every leaf of ``tree`` (arrays or shape structs) as NamedShardings."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), mesh.devices.size)), tree)
 
 
 def shard_batch(batch, mesh: Mesh):

@@ -157,7 +157,7 @@ def test_fsdp_sharding_gives_the_same_model():
 
 
 def test_fsdp_spec_splits_the_largest_divisible_axis():
-    from entropy_jax.models.hf.load import fsdp_spec
+    from entropy_jax.sharding import fsdp_spec
 
     P = jax.sharding.PartitionSpec
     assert fsdp_spec((768, 3072), 4) == P(None, "data")

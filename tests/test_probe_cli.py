@@ -191,7 +191,7 @@ def test_sharded_parameters_give_the_replicated_rows(lineage, tiny_run, tmp_path
     params = ckpts.restore(0, arrays={"params": prober.params_target})["params"]
     ckpts.close()
     leaves = jax.tree.leaves(params)
-    for x in leaves:  # split over the 4 devices exactly when an axis divides (hf.load.fsdp_spec)
+    for x in leaves:  # split over the 4 devices exactly when an axis divides (sharding.fsdp_spec)
         divisible = any(d % 4 == 0 for d in x.shape)
         assert (x.addressable_shards[0].data.size * 4 == x.size) == divisible, x.shape
     assert sum(x.addressable_shards[0].data.shape != x.shape for x in leaves) >= 3

@@ -11,10 +11,15 @@ also returns, from the same forward pass, what the probes read:
 * ``attention_inputs``: per layer the normalised ``h_BxTxD`` the attention reads (X of the
   logits ``X W_Q (X W_K)^T``).
 
+``logits, cache = model(tokens, cache=cache)`` decodes: the tokens are the next positions of
+sequences whose keys and values ``cache`` holds (:meth:`Transformer.init_cache`,
+:class:`~entropy_jax.models.attention.KVCache`); the sampler (entropy_jax.train.sampling) feeds
+the prompt, then one token per step.
+
 Probes read weights through methods (:meth:`Transformer.query_key_kernels`), never through
 module attribute paths.
 
-Switches for published architectures (GPT-2, GPT-NeoX/Pythia; see entropy_jax.models.hf), each
+Switches for published architectures (GPT-2, GPT-NeoX/Pythia; see entropy_jax.models.families), each
 off by default so that a config saved before it existed means what it meant: attention and MLP
 biases, the LayerNorm epsilon and exact two-pass variance, a parallel residual, rotary on the
 first fraction of each head's dims with a configurable base, exact (erf) GELU, and embedding
@@ -31,6 +36,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from entropy_jax.models.attention import KVCache, LayerCache, attend_from, attention_logits, fused_attention, rotary
 
 # "gelu" is the tanh approximation (GPT-2's gelu_new); "gelu_exact" the erf form (GPT-NeoX's gelu).
 ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
@@ -128,79 +135,16 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     return nnx.LayerNorm(cfg.d_model, **kw)
 
 
-def rotary(x_BxTxHxK: jax.Array, base: float = 10_000.0, dims: int | None = None) -> jax.Array:
-    """Rotary position embedding (Su et al. 2021), rotate-half form, on the first ``dims`` entries
-    of the last axis (default all; GPT-NeoX rotates a fraction and passes the rest through)."""
-    dims = x_BxTxHxK.shape[-1] if dims is None else dims
-    if dims < x_BxTxHxK.shape[-1]:
-        rotated = rotary(x_BxTxHxK[..., :dims], base)
-        return jnp.concatenate([rotated, x_BxTxHxK[..., dims:]], axis=-1)
-    t, k = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1]
-    freqs = base ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2 / k)
-    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]  # T x K/2
-    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
-    x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxTxHxK.dtype)
-
-
-def attention_logits(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array) -> jax.Array:
-    """Pre-softmax causal logits ``q k^T / sqrt(d_head)``, ``BxHxTxT`` float32, masked entries at the
-    most negative finite float32 (softmax gives exact zeros, no NaNs): what the probes read."""
-    t, d_head = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
-    logits_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK).astype(jnp.float32) / jnp.sqrt(d_head)
-    causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
-    return jnp.where(causal_TxT, logits_BxHxTxT, jnp.finfo(jnp.float32).min)
-
-
-def explicit_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array) -> jax.Array:
-    """Causal softmax attention written out, ``softmax(attention_logits) v``: the reference that
-    :func:`fused_attention` is tested against."""
-    probs = jax.nn.softmax(attention_logits(q_BxTxHxK, k_BxTxHxK), axis=-1).astype(v_BxTxHxK.dtype)
-    return jnp.einsum("bhqs,bshk->bqhk", probs, v_BxTxHxK)
-
-
-def fused_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
-                    query_block: int | None = None) -> jax.Array:
-    """Causal ``softmax(q k^T / sqrt(d_head)) v`` through ``jax.nn.dot_product_attention`` (softmax
-    in float32); the logits stay inside it.
-
-    On GPUs one causal call, for which JAX selects cuDNN's flash attention (it skips the masked
-    half itself). Elsewhere XLA lowers the call to full ``T x T`` matmuls, so the queries go in
-    blocks of ``query_block`` positions (default :func:`default_query_block`), each attending
-    only to the keys up to its last position: block i of n computes i/n of the square, (n+1)/2n
-    of the work in all (62.5 % for n = 4), the same numbers to float tolerance.
-    """
-    t = q_BxTxHxK.shape[1]
-    block = default_query_block(t) if query_block is None else query_block
-    if block >= t:
-        return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True)
-    out = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        mask_1x1xCxE = (jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :])[None, None]
-        out.append(jax.nn.dot_product_attention(q_BxTxHxK[:, start:end], k_BxTxHxK[:, :end], v_BxTxHxK[:, :end],
-                                                mask=mask_1x1xCxE))
-    return jnp.concatenate(out, axis=1)
-
-
-def default_query_block(t: int) -> int:
-    """``t`` (one call) on GPUs and for short sequences; else a quarter of ``t``, at least 64
-    positions (smaller blocks lose more to small-matmul overhead than they save; measured on
-    XLA:CPU at the reference shape, T = 256: 4 blocks 1.10x, 2 blocks 1.09x the step rate of one)."""
-    if jax.default_backend() == "gpu" or t < 128:
-        return t
-    return max(64, -(-t // 4))
-
-
 class CausalSelfAttention(nnx.Module):
     """Multi-head causal self-attention with separate W_Q, W_K, W_V, W_O (probes read W_Q, W_K).
 
     Projections run on the flattened ``(B*T) x D`` tokens: XLA:CPU lowers the weight gradient of
-    a 2-D matmul to one GEMM, but of a ``BxTxD`` one to a much slower two-axis contraction. The
-    mixing always runs through :func:`fused_attention`; when the probes ask for the logits,
-    :func:`attention_logits` computes them from the same q and k (one more q k^T), so the output
-    is the same with or without intermediates, to the last bit.
+    a 2-D matmul to one GEMM, but of a ``BxTxD`` one to a much slower two-axis contraction.
+    Without a cache the mixing runs through :func:`fused_attention`; when the probes ask for the
+    logits, :func:`attention_logits` computes them from the same q and k (one more q k^T), so the
+    output is the same with or without intermediates, to the last bit. With a cache (decoding)
+    the T new positions start at absolute position ``start``: their keys and values are written
+    into the cache and the queries attend over it (:func:`attend_from`).
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -211,18 +155,25 @@ class CausalSelfAttention(nnx.Module):
         self.value = dense(cfg.d_model, cfg.d_model)
         self.out = dense(cfg.d_model, cfg.d_model)
 
-    def __call__(self, x_BxTxD: jax.Array, return_logits: bool = False) -> tuple[jax.Array, jax.Array | None]:
-        """Attention output ``BxTxD`` and, when ``return_logits``, the logits ``BxHxTxT`` (else None)."""
+    def __call__(self, x_BxTxD: jax.Array, return_logits: bool = False, cache: LayerCache | None = None,
+                 start: int | jax.Array = 0) -> tuple[jax.Array, jax.Array | None, LayerCache | None]:
+        """Attention output ``BxTxD``, the logits ``BxHxTxT`` when ``return_logits`` (else None), and
+        the cache with the new positions written (None without one)."""
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         x_NxD = x_BxTxD.reshape(b * t, cfg.d_model)
         heads = lambda y: y.reshape(b, t, cfg.num_heads, cfg.d_head)
         q, k, v = heads(self.query(x_NxD)), heads(self.key(x_NxD)), heads(self.value(x_NxD))
         if cfg.positions == "rope":
-            q, k = (rotary(y, cfg.rotary_base, cfg.rotary_dims) for y in (q, k))
-        y_BxTxHxK = fused_attention(q, k, v)
+            positions_T = None if cache is None else start + jnp.arange(t)
+            q, k = (rotary(y, cfg.rotary_base, cfg.rotary_dims, positions_T) for y in (q, k))
+        if cache is None:
+            y_BxTxHxK = fused_attention(q, k, v)
+        else:
+            cache = cache.write(k, v, start)
+            y_BxTxHxK = attend_from(q, cache.keys, cache.values, start)
         logits_BxHxTxT = attention_logits(q, k) if return_logits else None
-        return self.out(y_BxTxHxK.reshape(b * t, cfg.d_model)).reshape(b, t, cfg.d_model), logits_BxHxTxT
+        return self.out(y_BxTxHxK.reshape(b * t, cfg.d_model)).reshape(b, t, cfg.d_model), logits_BxHxTxT, cache
 
 
 class MLP(nnx.Module):
@@ -247,16 +198,16 @@ class Block(nnx.Module):
         self.mlp_norm = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxTxD: jax.Array,
-                 return_logits: bool = False) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-        """New residual, attention logits (None unless ``return_logits``), and the normalised input
-        the attention read."""
+    def __call__(self, x_BxTxD: jax.Array, return_logits: bool = False, cache: LayerCache | None = None,
+                 start: int | jax.Array = 0) -> tuple[jax.Array, jax.Array | None, jax.Array, LayerCache | None]:
+        """New residual, attention logits (None unless ``return_logits``), the normalised input the
+        attention read, and the layer's cache extended by the new positions (None without one)."""
         normed_BxTxD = self.attn_norm(x_BxTxD)
-        attn_out, logits_BxHxTxT = self.attn(normed_BxTxD, return_logits)
+        attn_out, logits_BxHxTxT, cache = self.attn(normed_BxTxD, return_logits, cache, start)
         if self.parallel:
-            return x_BxTxD + attn_out + self.mlp(self.mlp_norm(x_BxTxD)), logits_BxHxTxT, normed_BxTxD
+            return x_BxTxD + attn_out + self.mlp(self.mlp_norm(x_BxTxD)), logits_BxHxTxT, normed_BxTxD, cache
         x_BxTxD = x_BxTxD + attn_out
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), logits_BxHxTxT, normed_BxTxD
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), logits_BxHxTxT, normed_BxTxD, cache
 
 
 class Transformer(nnx.Module):
@@ -276,34 +227,61 @@ class Transformer(nnx.Module):
             if cfg.vocab_padding:
                 self.unembed_padding = PaddingRows(jnp.zeros((cfg.d_model, cfg.vocab_padding)))
 
-    def __call__(self, tokens_BxT: jax.Array, return_intermediates: bool = False):
+    def __call__(self, tokens_BxT: jax.Array, return_intermediates: bool = False, cache: KVCache | None = None):
+        """Logits ``BxTxV`` (float32), with the intermediates when ``return_intermediates``.
+
+        With ``cache`` (:meth:`init_cache`), the tokens are the next positions ``cache.end ..`` of
+        sequences whose earlier keys and values the cache holds: returns the logits and the cache
+        extended by the new positions (decoding; no intermediates). Without one, the full forward
+        pass of training and the probes."""
+        if cache is not None:
+            if return_intermediates:
+                raise ValueError("intermediates come from the full forward pass, not from a cached one")
+            h_BxTxD, _, cache = self._hidden(tokens_BxT, False, cache)
+            return self.logits(h_BxTxD), cache
         h_BxTxD, intermediates = self.final_hidden(tokens_BxT, return_intermediates)
         logits_BxTxV = self.logits(h_BxTxD)
         if not return_intermediates:
             return logits_BxTxV
         return logits_BxTxV, intermediates
 
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty key/value cache for ``batch`` sequences of up to ``length`` positions."""
+        cfg = self.cfg
+        if length > cfg.max_len:
+            raise ValueError(f"a cache of {length} positions exceeds model.max_len={cfg.max_len}")
+        return KVCache.empty(cfg.num_layers, batch, length, cfg.num_heads, cfg.d_head, jnp.dtype(cfg.dtype))
+
     def final_hidden(self, tokens_BxT: jax.Array, return_intermediates: bool = False) -> tuple[jax.Array, dict | None]:
         """The hidden state after the final norm, ``h_BxTxD``, and the intermediates (None unless asked);
         ``logits(h)`` completes the forward pass (chunked losses unembed a few tokens at a time)."""
+        h_BxTxD, intermediates, _ = self._hidden(tokens_BxT, return_intermediates, None)
+        return h_BxTxD, intermediates
+
+    def _hidden(self, tokens_BxT: jax.Array, return_intermediates: bool,
+                cache: KVCache | None) -> tuple[jax.Array, dict | None, KVCache | None]:
         t = tokens_BxT.shape[1]
         if t > self.cfg.max_len:
             raise ValueError(f"sequence length {t} exceeds model.max_len={self.cfg.max_len}")
+        start = 0 if cache is None else cache.end
         h_BxTxD = self._embed(tokens_BxT)
         if self.cfg.positions == "learned":
-            h_BxTxD = h_BxTxD + self.pos_embed(jnp.arange(t))[None]
-        residual, attention_logits, attention_inputs = [h_BxTxD], [], []
-        for block in self.blocks:
-            h_BxTxD, logits_BxHxTxT, normed_BxTxD = block(h_BxTxD, return_intermediates)
+            h_BxTxD = h_BxTxD + self.pos_embed(jnp.arange(t) if cache is None else start + jnp.arange(t))[None]
+        residual, attention_logits, attention_inputs, layers = [h_BxTxD], [], [], []
+        for i, block in enumerate(self.blocks):
+            h_BxTxD, logits_BxHxTxT, normed_BxTxD, layer = block(
+                h_BxTxD, return_intermediates, None if cache is None else cache.layers[i], start)
             residual.append(h_BxTxD)
             attention_logits.append(logits_BxHxTxT)
             attention_inputs.append(normed_BxTxD)
+            layers.append(layer)
         h_BxTxD = self.final_norm(h_BxTxD)
         residual[-1] = h_BxTxD
+        cache = None if cache is None else KVCache(tuple(layers), cache.end + t)
         if not return_intermediates:
-            return h_BxTxD, None
+            return h_BxTxD, None, cache
         return h_BxTxD, {"residual": residual, "attention_logits": attention_logits,
-                         "attention_inputs": attention_inputs}
+                         "attention_inputs": attention_inputs}, cache
 
     def logits(self, h_xD: jax.Array) -> jax.Array:
         """Float32 next-token logits ``...xV`` of final hidden states ``...xD`` (any leading shape)."""

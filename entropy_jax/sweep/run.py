@@ -42,8 +42,7 @@ from entropy_jax import data
 from entropy_jax.checkpoint import CheckpointReadError, Checkpoints, content_hash
 from entropy_jax.errors import UserError, did_you_mean
 from entropy_jax.models import ModelConfig, abstract_model, hf
-from entropy_jax.models.hf.load import fsdp_sharding
-from entropy_jax.sharding import is_writer, make_mesh
+from entropy_jax.sharding import fsdp_sharding, is_writer, make_mesh
 from entropy_jax.sweep.evaluators import Context, Evaluator, make_evaluators, model_info
 from entropy_jax.sweep.forward import probe_forward
 from entropy_jax.sweep.table import ResultsTable

@@ -1,4 +1,5 @@
-"""Published checkpoints: Pythia (GPT-NeoX) and GPT-2 from Hugging Face safetensors, without torch.
+"""Published checkpoints from Hugging Face safetensors, without torch: Pythia (GPT-NeoX), GPT-2,
+and any other registered family.
 
     from entropy_jax.models import hf
     model = hf.load_hf_checkpoint("/data/pythia-160m/step1000")
@@ -6,10 +7,12 @@
 
 ``inter["residual"]`` holds the L + 1 hidden states in the order of transformers'
 ``output_hidden_states`` (embedding output first, the last one after the final norm). Modules:
-``safetensors_io`` (files), ``configs`` (config.json), ``convert`` (names and layouts),
-``load`` (the model, optionally FSDP-sharded), ``probe_text`` (tokenised probe sequences),
-``revisions`` (revision names, folders, the Hub cache and downloads), ``record`` (checkpoint
-metadata of an imported revision; weight matrices straight from files).
+``safetensors_io`` (files), ``families`` (one module per architecture: its config.json mapping
+and tensor layout, registered by ``model_type``), ``configs`` / ``convert`` (config.json and
+tensors through the family), ``load`` (the model, optionally FSDP-sharded), ``probe_text``
+(tokenised probe sequences), ``revisions`` (revision names, folders, the Hub cache and
+downloads), ``record`` (checkpoint metadata of an imported revision; weight matrices straight
+from files).
 """
 
 from entropy_jax.models.hf.configs import model_config, read_config, tokenizer_size
@@ -17,7 +20,6 @@ from entropy_jax.models.hf.convert import convert
 from entropy_jax.models.hf.load import (
     HFCheckpoint,
     check_hf_folder,
-    fsdp_sharding,
     load_hf_checkpoint,
     read_hf_checkpoint,
 )
@@ -39,7 +41,6 @@ __all__ = [
     "revision_step",
     "weight_matrices",
     "convert",
-    "fsdp_sharding",
     "load_hf_checkpoint",
     "model_config",
     "read_config",

@@ -5,27 +5,25 @@
     logits_BxTxV, inter = model(tokens_BxT, return_intermediates=True)   # inter["residual"]: L + 1 states
 
 Parameters are replicated over the mesh by default; ``fsdp=True`` splits each one over the
-``data`` axis (:func:`fsdp_sharding`), so a model larger than one device's memory loads.
+``data`` axis (:func:`entropy_jax.sharding.fsdp_sharding`), so a model larger than one device's
+memory loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from entropy_jax.models.build import build_model
 from entropy_jax.models.hf.configs import model_config, read_config, tokenizer_size
 from entropy_jax.models.hf.convert import convert
 from entropy_jax.models.hf.safetensors_io import HFImportError, file_sha256, read_tensors, tensor_shapes, weight_files
 from entropy_jax.models.transformer import ModelConfig
-from entropy_jax.sharding import DATA_AXIS, replicated
+from entropy_jax.sharding import DATA_AXIS, fsdp_sharding, replicated
 
 
 @dataclasses.dataclass
@@ -43,22 +41,6 @@ class HFCheckpoint:
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.params, self.model_state)
-
-
-def fsdp_spec(shape: tuple[int, ...], num_devices: int) -> P:
-    """FSDP-style placement of one array: its largest axis divisible by the device count split
-    over ``data``; replicated when no axis divides (biases of odd width, scalars)."""
-    axes = [a for a in np.argsort(shape)[::-1] if shape[a] % num_devices == 0 and shape[a] >= num_devices]
-    if num_devices == 1 or not axes:
-        return P()
-    spec = [None] * len(shape)
-    spec[axes[0]] = DATA_AXIS
-    return P(*spec)
-
-
-def fsdp_sharding(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """:func:`fsdp_spec` for every leaf of ``tree`` (arrays or shape structs) as NamedShardings."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), mesh.devices.size)), tree)
 
 
 def _place(abstract: nnx.State, pure: dict, mesh: jax.sharding.Mesh, fsdp: bool) -> nnx.State:
@@ -100,5 +82,5 @@ def read_hf_checkpoint(folder: str | Path, mesh: jax.sharding.Mesh | None = None
 
 
 def load_hf_checkpoint(folder: str | Path, mesh: jax.sharding.Mesh | None = None, fsdp: bool = False) -> nnx.Module:
-    """The NNX model with the weights of a Hugging Face revision folder (GPT-NeoX/Pythia or GPT-2)."""
+    """The NNX model with the weights of a Hugging Face revision folder (any registered family)."""
     return read_hf_checkpoint(folder, mesh, fsdp, hash_files=False).model()
