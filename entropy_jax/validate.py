@@ -45,7 +45,7 @@ from entropy_jax.sweep.run import (
     probe_source,
     sweep_probe_set,
 )
-from entropy_jax.train.losses import make_loss
+from entropy_jax.train.objective import make_loss
 from entropy_jax.workdir import Workdir
 
 MODEL_MINIMA = {"d_model": 1, "num_layers": 1, "num_heads": 1, "d_ff": 0}

@@ -46,8 +46,8 @@ from entropy_jax.checkpoint import (
 from entropy_jax.config import resume_differences
 from entropy_jax.models import ModelConfig, abstract_like, abstract_model, init_model, model_config
 from entropy_jax.sharding import is_writer, make_mesh, replicated, shard_batch
-from entropy_jax.train.losses import make_loss
 from entropy_jax.train.metric_writer import MetricWriter, read_metrics
+from entropy_jax.train.objective import make_loss
 from entropy_jax.train.optim import make_optimizer, make_schedule
 from entropy_jax.train.step import TrainState, init_state, make_flat_train_step
 from entropy_jax.workdir import Workdir
