@@ -6,7 +6,9 @@ setup(
     name="entropy_jax",
     version="0.1.0",
     description="Train Flax LMs, checkpoint with Orbax, and probe representation geometry across training.",
-    packages=find_packages(include=["entropy_jax", "entropy_jax.*"]),
+    # experiments: the entry scripts' package, so that a config file loaded by path (absl's --config=<file>)
+    # can import the preset it builds on (experiments.configs.pretrain) from any folder.
+    packages=find_packages(include=["entropy_jax", "entropy_jax.*", "experiments", "experiments.*"]),
     python_requires=">=3.11",  # jax, flax, orbax-checkpoint and grain require 3.11
     install_requires=[
         "jax>=0.7.0",

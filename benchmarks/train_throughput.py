@@ -41,7 +41,7 @@ import numpy as np
 from entropy_jax.models import ModelConfig, init_model
 from entropy_jax.models.attention import default_query_block
 from entropy_jax.sharding import make_mesh, replicated, shard_batch
-from entropy_jax.train.losses import make_loss
+from entropy_jax.train.objective import make_loss
 from entropy_jax.train.optim import make_optimizer, make_schedule
 from entropy_jax.train.step import init_state, make_flat_train_step
 

@@ -32,7 +32,7 @@ from entropy_jax.sweep.run import (
     probe_source,
     sweep_probe_set,
 )
-from entropy_jax.train.losses import make_loss
+from entropy_jax.train.objective import make_loss
 from entropy_jax.train.start import parent_checkpoint
 from entropy_jax.workdir import Workdir, check_writable
 

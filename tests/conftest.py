@@ -47,7 +47,7 @@ def make_test_config(data_dir, **overrides):
 
 
 def load_module(relative_path):
-    """The Python file at ``REPO / relative_path`` as a module (config files and benchmarks are not packages)."""
+    """The Python file at ``REPO / relative_path`` as a module (the benchmarks are scripts, not a package)."""
     import importlib.util
 
     path = REPO / relative_path

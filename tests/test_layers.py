@@ -1,4 +1,6 @@
-"""The package's imports point down the flow of data, never back up, and form no cycle."""
+"""The package's imports point down the flow of data, never back up, and form no cycle: neither
+between units nor among the modules of one unit (an import inside a function counts too, so a
+lazy import cannot hide a cycle)."""
 
 import ast
 import subprocess
@@ -60,20 +62,60 @@ def test_imports_point_down_the_layers():
     assert not upward, upward
 
 
-def test_no_import_cycle_between_units():
-    graph, state = _graph(), {}
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as the path around it (first node repeated at the end), or None."""
+    state: dict[str, str] = {}
 
-    def visit(node, trail):
+    def visit(node: str, trail: list[str]) -> list[str] | None:
+        if state.get(node) == "open":
+            return [*trail[trail.index(node):], node]
         if state.get(node) == "done":
-            return
-        assert state.get(node) != "open", " -> ".join([*trail, node])
+            return None
         state[node] = "open"
-        for nxt in graph.get(node, ()):
-            visit(nxt, [*trail, node])
+        for nxt in sorted(graph.get(node, ())):
+            if found := visit(nxt, [*trail, node]):
+                return found
         state[node] = "done"
+        return None
 
-    for node in graph:
-        visit(node, [])
+    return next((c for node in sorted(graph) if (c := visit(node, []))), None)
+
+
+def test_no_import_cycle_between_units():
+    cycle = _cycle(_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def _module_name(path: Path) -> str:
+    """``entropy_jax.train.losses`` for ``PACKAGE/train/losses.py``; a package's ``__init__`` is the package."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(["entropy_jax", *parts[:-1]] + ([] if parts[-1] == "__init__" else [parts[-1]]))
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the modules of its own unit it imports, anywhere in the file.
+
+    ``from a.b import c`` is an edge to the module ``a.b.c`` when there is one, else to ``a.b``
+    (a package's ``__init__``). Importing ``a.b.c`` runs ``a.b`` first, but that is no edge: the
+    package is already being imported whenever one of its modules is.
+    """
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in paths else node.module
+                            for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[module] = {t for t in targets & set(paths) if _unit(t) == _unit(module) and t != module}
+    return graph
+
+
+def test_no_import_cycle_inside_a_unit():
+    cycle = _cycle(_module_graph())
+    assert cycle is None, " -> ".join(cycle)
 
 
 def test_the_layer_test_sees_an_upward_import(tmp_path, monkeypatch):
@@ -85,6 +127,20 @@ def test_the_layer_test_sees_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     graph = _graph()
     assert graph["probes"] == {"sweep"} and LAYER_OF["sweep"] > LAYER_OF["probes"]
+
+
+def test_the_cycle_test_sees_a_circle_inside_a_unit(tmp_path, monkeypatch):
+    """The checker itself: two modules of one unit importing each other, one of them lazily, are reported."""
+    fake = tmp_path / "entropy_jax" / "train"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("from entropy_jax.train import a\n")
+    (fake / "a.py").write_text("from entropy_jax.train.b import helper\n")
+    (fake / "b.py").write_text("def helper():\n    from entropy_jax.train import a\n    return a\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "entropy_jax")
+    graph = _module_graph()
+    assert graph == {"entropy_jax.train": {"entropy_jax.train.a"}, "entropy_jax.train.a": {"entropy_jax.train.b"},
+                     "entropy_jax.train.b": {"entropy_jax.train.a"}}
+    assert _cycle(graph) == ["entropy_jax.train.a", "entropy_jax.train.b", "entropy_jax.train.a"]
 
 
 def test_probes_import_without_the_training_or_data_stack():

@@ -9,7 +9,8 @@ from flax import nnx
 from entropy_jax.data.tasks import TaskParams, generate, sequences
 from entropy_jax.models import build_model, model_config
 from entropy_jax.train.grpo import group_advantages, grpo_objective
-from entropy_jax.train.losses import dpo, dpo_objective, make_loss, sequence_logprob, weighted_cross_entropy
+from entropy_jax.train.losses import dpo, dpo_objective, sequence_logprob, weighted_cross_entropy
+from entropy_jax.train.objective import make_loss
 from entropy_jax.train.sampling import sample, sample_recompute
 
 V = 64

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, kill_when_exists, load_module, restore_params
+from conftest import REPO, kill_when_exists, restore_params
 
 from entropy_jax import train
 from entropy_jax.analysis.lifecycle import analyse_lineage, lineage_results, lineage_workdirs
@@ -21,11 +21,14 @@ from entropy_jax.sweep import sweep
 from entropy_jax.train.metric_writer import read_metrics
 from entropy_jax.train.reference import init_checkpoint, prepare_stage
 from entropy_jax.workdir import Workdir
+from experiments.configs import dpo, rlvr, sft
+
+STAGE_CONFIGS = {"sft": sft, "dpo": dpo, "rlvr": rlvr}
 
 
 def stage_config(stage, data_dir, parent=None, **overrides):
     """``experiments/configs/<stage>.py:test`` with its data under ``data_dir``, started from ``parent``."""
-    cfg = load_module(f"experiments/configs/{stage}.py").get_config("test")
+    cfg = STAGE_CONFIGS[stage].get_config("test")
     cfg.data.data_dir = str(data_dir)
     if parent is not None:
         cfg.init_from.workdir = str(parent)

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, load_module, make_test_config
+from conftest import REPO, make_test_config
 
 from entropy_jax import train, validate
 from entropy_jax.analysis import load_results
@@ -25,6 +25,7 @@ from entropy_jax.sweep import sweep
 from entropy_jax.sweep.run import Prober, ProbeSetError, check_probe_overrides
 from entropy_jax.workdir import Workdir
 from experiments import import_hf
+from experiments.configs import probe
 
 FIXTURES = REPO / "tests" / "testdata" / "hf"
 TEXT = FIXTURES / "text"
@@ -37,7 +38,7 @@ PROBES = {"probe_set": {"num_sequences": 64, "batch_size": 32},
 def probe_config(probes=None, **probe_set):
     """experiments/configs/probe.py (every key None: the run's own) with ``probe_set`` keys set
     (and, given ``probes``, a probes section replacing the run's)."""
-    cfg = load_module("experiments/configs/probe.py").get_config()
+    cfg = probe.get_config()
     for key, value in probe_set.items():
         cfg.probe_set[key] = value
     if probes is not None:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from entropy_jax.models import ModelConfig, init_model
 from entropy_jax.models.attention import attention_logits, explicit_attention, fused_attention
-from entropy_jax.train.losses import make_loss
+from entropy_jax.train.objective import make_loss
 from entropy_jax.train.optim import make_optimizer, make_schedule
 from entropy_jax.train.step import init_state, train_step_fn
 

@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 
 from entropy_jax.data.tasks import check
-from entropy_jax.train.losses import Batch, LossFn, load_reference_params, reference_model
+from entropy_jax.train.objective import Batch, LossFn, register_loss
+from entropy_jax.train.reference import load_reference_params, reference_model
 from entropy_jax.train.sampling import sample
 
 
@@ -49,6 +50,7 @@ def answer_logprobs(logits_NxLxV: jax.Array, seq_NxL: jax.Array, answer_len: int
     return -optax.softmax_cross_entropy_with_integer_labels(pred, seq_NxL[:, -answer_len:])
 
 
+@register_loss("grpo")
 def grpo(group_size: int = 8, temperature: float = 1.0, clip_eps: float = 0.2, kl_coef: float = 0.0,
          eps: float = 1e-6, reference_workdir: str = "", reference_step: int = -1) -> LossFn:
     """GRPO on ``rl`` task batches (``prompts``, ``answers`` for the answer length, ``eval_prompts``).

@@ -39,8 +39,8 @@ from entropy_jax.checkpoint import Checkpoints, corpus_fingerprint, is_save_step
 from entropy_jax.errors import UserError
 from entropy_jax.models import abstract_like, abstract_model, init_model
 from entropy_jax.sharding import is_writer, make_mesh, replicated, shard_batch
-from entropy_jax.train.losses import make_loss
 from entropy_jax.train.metric_writer import MetricWriter, read_metrics
+from entropy_jax.train.objective import make_loss
 from entropy_jax.train.optim import make_optimizer, make_schedule
 from entropy_jax.train.start import Parent, Start, plan_start
 from entropy_jax.train.step import TrainState, init_state, make_flat_train_step

@@ -1,11 +1,4 @@
-"""Training objectives: ``loss_fn(model, batch, rng) -> (loss, aux)``, chosen by ``config.train.loss``.
-
-``model`` is the merged NNX model (its non-parameter variables may change during the call; the
-train step keeps the changes), ``batch`` a dict of arrays sharded over the batch axis, ``rng`` a
-key already folded with the step. ``loss`` is a float32 scalar to minimise; ``aux`` a flat dict of
-scalars that the train step adds to its metrics (and so to ``metrics.jsonl``).
-
-``config.train.loss = dict(name=<key of LOSSES>, **kwargs)``; kwargs go to the loss factory.
+"""The supervised and preference losses (the contract and the registry: :mod:`entropy_jax.train.objective`).
 
 Fine-tuning stages: SFT is ``next_token`` on task batches (their ``weights`` keep only answer
 tokens); ``dpo`` compares chosen and rejected answers against a frozen reference (the stage's
@@ -15,16 +8,14 @@ samples answers and rewards them with the task checker.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-Batch = dict[str, jax.Array]
-LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+from entropy_jax.train.objective import Batch, LossFn, register_loss
+from entropy_jax.train.reference import load_reference_params, reference_model
 
 
 def weighted_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
@@ -74,6 +65,7 @@ def chunked_cross_entropy(h_BxTxD: jax.Array, unembed: Callable[[jax.Array], jax
     return total
 
 
+@register_loss("next_token")
 def next_token(skip_first: int = 0, chunk: int = 0) -> LossFn:
     """Next-token cross-entropy, optionally weighted per token.
 
@@ -135,23 +127,7 @@ def dpo_objective(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chos
     return loss.mean(), aux
 
 
-def reference_model(model, ref_params):
-    """The policy's graph and non-parameter state with the frozen reference parameters (no gradient)."""
-    graphdef, _, model_state = nnx.split(model, nnx.Param, ...)
-    return nnx.merge(graphdef, jax.lax.stop_gradient(ref_params), model_state, copy=True)
-
-
-def load_reference_params(loss_name: str, workdir: str, step: int) -> Any:
-    """The frozen reference parameters (checkpoint ``step`` of ``workdir``); one line for an empty ``workdir``."""
-    if not workdir:
-        raise ValueError(f"train.loss.name={loss_name!r} needs a frozen reference model: start the stage from a "
-                         "checkpoint (--init_from=<workdir>, which becomes the reference) or set "
-                         "train.loss.reference_workdir")
-    from entropy_jax.train.reference import load_reference  # reads checkpoints: only for these losses
-
-    return load_reference(workdir, step)
-
-
+@register_loss("dpo")
 def dpo(beta: float = 0.1, label_smoothing: float = 0.0, reference_workdir: str = "",
         reference_step: int = -1) -> LossFn:
     """DPO on task batches: chosen answer in ``inputs``/``targets``/``weights``, rejected in
@@ -173,25 +149,3 @@ def dpo(beta: float = 0.1, label_smoothing: float = 0.0, reference_workdir: str 
         return loss, {**aux, "loss_tokens": batch["weights"].sum() + batch["rejected_weights"].sum()}
 
     return loss_fn
-
-
-def grpo(**kwargs: Any) -> LossFn:
-    """GRPO, :func:`entropy_jax.train.grpo.grpo` (imported here on use: that module builds on this one)."""
-    from entropy_jax.train.grpo import grpo as make_grpo
-
-    return make_grpo(**kwargs)
-
-
-LOSSES: dict[str, Callable[..., LossFn]] = {"next_token": next_token, "dpo": dpo, "grpo": grpo}
-
-
-def make_loss(spec: Mapping[str, Any] | None) -> LossFn:
-    """The loss named by ``spec["name"]`` built with the remaining keys (None: plain next-token)."""
-    spec = dict(spec or {"name": "next_token"})
-    name = spec.pop("name", "next_token")
-    if name not in LOSSES:
-        raise ValueError(f"train.loss.name={name!r} is not a known loss; choose one of {sorted(LOSSES)}")
-    try:
-        return LOSSES[name](**spec)
-    except TypeError as e:
-        raise ValueError(f"train.loss={dict(name=name, **spec)} has arguments {name!r} does not take ({e})") from e

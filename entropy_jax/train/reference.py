@@ -4,12 +4,15 @@ DPO's implicit reward and GRPO's KL penalty compare the policy with it. The stag
 names it (``train.loss.reference_workdir`` / ``reference_step``); :func:`resolve_reference` fills
 those in from the stage's own lineage (the parent recorded in its checkpoints) or, before the
 first checkpoint, from ``init_from`` — so a resumed stage keeps the reference it started with.
+A loss loads the parameters (:func:`load_reference_params`) and runs the policy's graph with them
+(:func:`reference_model`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import ml_collections
 from flax import nnx
 
@@ -67,6 +70,21 @@ def load_reference(workdir: str | Path, step: int) -> nnx.State:
     _, params_target, _ = abstract_model(ModelConfig.from_dict(meta["model_config"]), make_mesh())
     with Checkpoints(workdir, read_only=True) as ckpts:
         return ckpts.restore(step, arrays={"params": params_target})["params"]
+
+
+def load_reference_params(loss_name: str, workdir: str, step: int) -> nnx.State:
+    """:func:`load_reference` for loss ``loss_name``; an empty ``workdir`` is refused in one line (ValueError)."""
+    if not workdir:
+        raise ValueError(f"train.loss.name={loss_name!r} needs a frozen reference model: start the stage from a "
+                         "checkpoint (--init_from=<workdir>, which becomes the reference) or set "
+                         "train.loss.reference_workdir")
+    return load_reference(workdir, step)
+
+
+def reference_model(model: nnx.Module, ref_params: nnx.State) -> nnx.Module:
+    """The policy's graph and non-parameter state with the frozen reference parameters (no gradient)."""
+    graphdef, _, model_state = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, jax.lax.stop_gradient(ref_params), model_state, copy=True)
 
 
 def prepare_stage(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple[str, int]:

@@ -2,7 +2,7 @@
 
 Style: ``jax.jit`` over the pure state (``nnx.split``/``nnx.merge``), returning the new state,
 so the state is an ordinary pytree that Orbax saves and the step can donate. The objective is a
-``loss_fn(model, batch, rng) -> (loss, aux)`` from :mod:`entropy_jax.train.losses`.
+``loss_fn(model, batch, rng) -> (loss, aux)`` from :mod:`entropy_jax.train.objective`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from entropy_jax.train.losses import Batch, LossFn, next_token
+from entropy_jax.train.losses import next_token
+from entropy_jax.train.objective import Batch, LossFn
 
 
 @flax.struct.dataclass

@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
     c.train.log_every = 1  # steps between rows of metrics.jsonl
     c.train.loss = ml_collections.ConfigDict(dict(
-        name="next_token",  # entropy_jax.train.losses.LOSSES
+        name="next_token",  # a loss registered in entropy_jax.train.objective.LOSSES
         skip_first=0,  # next_token: positions at the start of each sequence that carry no loss
         chunk=0,  # next_token: > 0 unembeds this many positions at a time (large vocabularies)
     ))

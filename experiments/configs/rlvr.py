@@ -15,21 +15,13 @@ Presets as in sft.py:
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-
-def _sft():
-    spec = importlib.util.spec_from_file_location("sft_configs", Path(__file__).with_name("sft.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from experiments.configs import sft
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
-    c = _sft().posttrain_config(preset, "rlvr", "rl")
+    c = sft.posttrain_config(preset, "rlvr", "rl")
     c.train.steps = {"test": 30, "small": 30}.get(preset, 100)
     c.train.lr = 3e-3 if preset == "test" else 3e-4
     c.train.end_lr = c.train.lr / 10

@@ -22,22 +22,13 @@ line, e.g. ``--config.data.task=sort --config.data.task_size=5``.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
+
+from experiments.configs import pretrain
 
 # Tasks per pretraining preset: (kind, size). Prompt + answer must fit seq_len + 1 tokens.
 TASKS = {"tiny": ("add", 10), "small": ("add", 10), "test": ("add", 5)}
 STEPS = {"tiny": 300, "small": 100, "test": 40}
-
-
-def _pretrain_config(preset: str) -> ml_collections.ConfigDict:
-    """``experiments/configs/pretrain.py:<preset>`` (loaded by path: config files are not a package)."""
-    spec = importlib.util.spec_from_file_location("pretrain_configs", Path(__file__).with_name("pretrain.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
 
 
 def posttrain_config(preset: str, stage: str, split: str) -> ml_collections.ConfigDict:
@@ -45,7 +36,7 @@ def posttrain_config(preset: str, stage: str, split: str) -> ml_collections.Conf
     a short schedule and the log-spaced checkpoints a short stage needs."""
     if preset not in TASKS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(TASKS)}")
-    c = _pretrain_config(preset)
+    c = pretrain.get_config(preset)
     c.stage = stage
     kind, size = TASKS[preset]
     c.data = ml_collections.ConfigDict(dict(
