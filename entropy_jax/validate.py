@@ -10,7 +10,6 @@ fix; the entry points print it and exit with status 2 (see :mod:`entropy_jax.cli
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,19 +31,11 @@ from entropy_jax.config import (
     resume_differences,
     resume_mismatch_message,
 )
-from entropy_jax.data.builders import SYNTHETIC_KINDS
 from entropy_jax.data.text import text_files
 from entropy_jax.errors import UserError, did_you_mean
-from entropy_jax.models import ModelConfig, hf
+from entropy_jax.models import ModelConfig
 from entropy_jax.models.build import ARCHITECTURES
-from entropy_jax.sweep.evaluators import EVALUATORS
-from entropy_jax.sweep.run import (
-    check_probe_overrides,
-    newest_readable_meta,
-    probe_plan,
-    probe_source,
-    sweep_probe_set,
-)
+from entropy_jax.sweep.probe_set import check_probe_config, check_probe_run
 from entropy_jax.train.losses import make_loss
 from entropy_jax.workdir import Workdir
 
@@ -68,34 +59,6 @@ def _check_model(model: Mapping[str, Any], vocab_size: int, seq_len: int) -> Mod
         return ModelConfig.from_dict({**model, "vocab_size": vocab_size, "max_len": seq_len})
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from e
-
-
-def _check_probes(probes: Mapping[str, Any], probe_set: ProbeSetConfig) -> None:
-    for name, entry in probes.items():
-        entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
-        kind = entry.get("type")
-        if kind not in EVALUATORS:
-            raise UserError(f"probes.{name}.type={kind!r} is not a probe type{did_you_mean(str(kind), EVALUATORS)} "
-                            f"(registered: {', '.join(sorted(EVALUATORS))})")
-        if kind == "representation":
-            if entry.get("position", "last") not in ("last", "mean"):
-                raise UserError(f"probes.{name}.position={entry['position']!r} must be 'last' or 'mean'")
-            sigma = entry.get("dse_sigma", 0.0) or 0.0
-            if not (math.isfinite(sigma) and sigma >= 0):
-                raise UserError(f"probes.{name}.dse_sigma={sigma} must be >= 0 (0 = no diffusion spectral entropy)")
-            fit = entry.get("alpha_fit_range")
-            if fit is not None and not (len(fit) == 2 and 0 <= fit[0] < fit[1]):
-                raise UserError(f"probes.{name}.alpha_fit_range={tuple(fit)} must be (start, stop) with "
-                                "0 <= start < stop, or None")
-        if kind == "attention" and not 1 <= int(entry.get("num_examples", 1)):
-            raise UserError(f"probes.{name}.num_examples={entry['num_examples']} must be >= 1")
-
-
-def check_probe_config(cfg: ml_collections.ConfigDict) -> ProbeSetConfig:
-    """The ``probe_set`` and ``probes`` sections (also what ``probe.py --config`` uses)."""
-    probe_set = ProbeSetConfig.from_dict(cfg.probe_set)
-    _check_probes(cfg.probes.to_dict() if hasattr(cfg.probes, "to_dict") else cfg.probes, probe_set)
-    return probe_set
 
 
 def _check_data_against_train(d: DataConfig, train: TrainConfig, probe_set: ProbeSetConfig) -> None:
@@ -227,32 +190,14 @@ def _keep_saved_spelling(cfg: ml_collections.ConfigDict, saved: Mapping[str, Any
 
 
 def check_probe_workdir(value: str | None, probe_config: ml_collections.ConfigDict | None) -> Path:
-    """``probe.py``'s input: a run folder with checkpoints, and (if given) a probe config whose
-    ``probes`` are valid and whose ``probe_set`` overrides (None: the run's own) fit the run. An
-    override, or an imported model's text probe set, is built and checked against the probe set
-    the workdir already holds (:func:`entropy_jax.sweep.run.sweep_probe_set`), writing nothing."""
+    """``probe.py``'s input: an existing folder holding a run the sweep can read with
+    ``probe_config`` (:func:`entropy_jax.sweep.probe_set.check_probe_run`), its probes/ writable."""
     workdir = workdir_path(value)
     if not workdir.is_dir():
         raise UserError(f"--workdir={value} does not exist: give a run folder written by experiments/pretrain.py")
-    steps = saved_steps(workdir)
-    if not steps:
-        raise UserError(f"no checkpoints in {workdir / 'checkpoints'}: train first "
-                        f"(experiments/pretrain.py --workdir={workdir})")
-    with Checkpoints(workdir, read_only=True) as ckpts:
-        meta = newest_readable_meta(ckpts, steps)
-    if probe_config is not None and probe_config.get("probes") is not None:
-        _check_probes(probe_config.probes.to_dict(), None)
-    _, probe_set, overrides = probe_plan(meta, probe_config)
-    check_probe_overrides(meta, overrides)
-    source = probe_source(meta)
-    num_sequences = overrides.get("num_sequences", probe_set.get("num_sequences"))
-    num_val = source.get("data", {}).get("num_val", DataConfig.num_val)
-    if source.get("data", {}).get("name") in SYNTHETIC_KINDS and num_sequences > num_val:
-        raise UserError(f"probe_set.num_sequences={num_sequences} is larger than the run's validation "
-                        f"split ({num_val} sequences)")
-    if overrides or source.get("kind") == hf.probe_text.KIND:
-        sweep_probe_set(Workdir(workdir), meta, probe_set, overrides)
-    check_writable(Workdir(workdir).probes, "the probe sweep")
+    wd = Workdir(workdir)
+    check_probe_run(wd, probe_config)
+    check_writable(wd.probes, "the probe sweep")
     return workdir
 
 

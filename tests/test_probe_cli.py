@@ -22,7 +22,8 @@ from entropy_jax.errors import UserError
 from entropy_jax.models import hf
 from entropy_jax.sharding import make_mesh
 from entropy_jax.sweep import sweep
-from entropy_jax.sweep.run import Prober, ProbeSetError, check_probe_overrides
+from entropy_jax.sweep.probe_set import ProbeSetError, check_probe_overrides
+from entropy_jax.sweep.run import Prober
 from entropy_jax.workdir import Workdir
 from experiments import import_hf
 
@@ -186,7 +187,7 @@ def test_sharded_parameters_give_the_replicated_rows(lineage, tiny_run, tmp_path
     assert (a["ckpt_hash"] == b["ckpt_hash"]).all() and len(a) > 50
 
     meta = Checkpoints(sharded, read_only=True).read_meta(0)
-    prober = Prober(sharded, meta, PROBES["probes"], PROBES["probe_set"], make_mesh(), shard_params=True)
+    prober = Prober(Workdir(sharded), meta, PROBES["probes"], PROBES["probe_set"], make_mesh(), shard_params=True)
     ckpts = Checkpoints(sharded, read_only=True)
     params = ckpts.restore(0, arrays={"params": prober.params_target})["params"]
     ckpts.close()
