@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json as jsonlib
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,15 @@ class Checkpoints:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def newest_readable_meta(ckpts: Checkpoints, steps: list[int]) -> dict:
+    """The metadata of the newest checkpoint whose metadata reads (a damaged newest step is
+    reported by the sweep itself and must not stop it)."""
+    for step in reversed(steps):
+        try:
+            return ckpts.read_meta(step)
+        except CheckpointReadError as e:
+            logging.warning("metadata of step %d unreadable, using an earlier step's: %s", step, e)
+    raise CheckpointReadError(f"no checkpoint in {ckpts.directory} has readable metadata (steps {steps}); "
+                              "the checkpoints are damaged: retrain, or restore them from a copy")

@@ -97,8 +97,13 @@ class Workdir:
     @property
     def results(self) -> Path:
         """The results table: Parquet, unless only a CSV one exists."""
-        parquet, csv = self.probes / "results.parquet", self.probes / "results.csv"
+        parquet, csv = self.probes / "results.parquet", self.results_csv
         return csv if csv.exists() and not parquet.exists() else parquet
+
+    @property
+    def results_csv(self) -> Path:
+        """The results table where pyarrow is absent."""
+        return self.probes / "results.csv"
 
     @property
     def spectra(self) -> Path:

@@ -32,10 +32,11 @@ from pathlib import Path
 
 from absl import flags
 
-from entropy_jax import cli, validate
+from entropy_jax import cli
 from entropy_jax.cli import start, user_errors
 from entropy_jax.errors import UserError
 from entropy_jax.sweep import sweep
+from entropy_jax.sweep.probe_set import check_probe_workdir
 
 cli.define_config_flag(
     str(Path(__file__).parent / "configs" / "probe.py"),
@@ -55,7 +56,7 @@ _SHARD_PARAMS = flags.DEFINE_bool(
 
 def check_workdirs(values: list[str], config) -> list[Path]:
     """Every workdir checked (and no duplicates) before any is swept."""
-    workdirs = [validate.check_probe_workdir(v, config) for v in values]
+    workdirs = [check_probe_workdir(v, config) for v in values]
     seen = {}
     for value, workdir in zip(values, workdirs, strict=True):
         if workdir in seen:

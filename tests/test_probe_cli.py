@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import REPO, make_test_config
 
-from entropy_jax import train, validate
+from entropy_jax import train
 from entropy_jax.analysis import load_results
 from entropy_jax.analysis.lifecycle import given_lineage
 from entropy_jax.checkpoint import Checkpoints
@@ -22,7 +22,8 @@ from entropy_jax.errors import UserError
 from entropy_jax.models import hf
 from entropy_jax.sharding import make_mesh
 from entropy_jax.sweep import sweep
-from entropy_jax.sweep.run import Prober, ProbeSetError, check_probe_overrides
+from entropy_jax.sweep.probe_set import ProbeSetError, check_probe_overrides, check_probe_workdir
+from entropy_jax.sweep.run import Prober
 from entropy_jax.workdir import Workdir
 from experiments import import_hf
 from experiments.configs import probe
@@ -70,14 +71,14 @@ def imported(tmp_path_factory):
 def test_text_chosen_at_probe_time_is_the_models_tokenizer_over_it_and_is_kept(imported):
     neox, _ = imported
     with pytest.raises(UserError, match="needs text: set probe_set.text_dir"):
-        validate.check_probe_workdir(str(neox), probe_config())
+        check_probe_workdir(str(neox), probe_config())
     with pytest.raises(ProbeSetError, match="give probe_set.text_dir .* or probe_set.tfds_name .*, not both"):
-        validate.check_probe_workdir(str(neox), probe_config(text_dir=str(TEXT), tfds_name="wikitext"))
+        check_probe_workdir(str(neox), probe_config(text_dir=str(TEXT), tfds_name="wikitext"))
     with pytest.raises(ProbeSetError, match="probe_set.tfds_name='nosuchds' cannot be read from .*Dataset nosuchds "
                                             "not found.*give probe_set.text_dir"):
-        validate.check_probe_workdir(str(neox), probe_config(tfds_name="nosuchds", data_dir=str(neox)))
+        check_probe_workdir(str(neox), probe_config(tfds_name="nosuchds", data_dir=str(neox)))
     with pytest.raises(ProbeSetError, match="probe_set.seq_len=65 is longer than the model's max_len=64"):
-        validate.check_probe_workdir(str(neox), probe_config(text_dir=str(TEXT), seq_len=65))
+        check_probe_workdir(str(neox), probe_config(text_dir=str(TEXT), seq_len=65))
     assert not (neox / "probes" / "probe_set.npz").exists()
 
     report = sweep(neox, probe_config(PROBES["probes"], text_dir=str(TEXT)))
@@ -88,13 +89,13 @@ def test_text_chosen_at_probe_time_is_the_models_tokenizer_over_it_and_is_kept(i
         np.testing.assert_array_equal(saved["tokens"], expected)
         assert str(saved["sha256"]) == digest and json.loads(str(saved["overrides"])) == {"text_dir": str(TEXT)}
     # Later sweeps without the override keep the text chosen: nothing to recompute, nothing refused.
-    assert validate.check_probe_workdir(str(neox), probe_config()) == neox
+    assert check_probe_workdir(str(neox), probe_config()) == neox
     assert sweep(neox, probe_config(PROBES["probes"])).rows_added == 0
     before = Workdir(neox).probe_set.read_bytes()
     with pytest.raises(ProbeSetError, match=r"probe_set overrides \{'num_sequences': 20\} give probe set sha256 "
                                             r"\w+\.\.\., but .* was probed on \w+\.\.\. and a results table holds "
                                             "one probe set"):
-        validate.check_probe_workdir(str(neox), probe_config(num_sequences=20))
+        check_probe_workdir(str(neox), probe_config(num_sequences=20))
     assert Workdir(neox).probe_set.read_bytes() == before
 
 
@@ -187,7 +188,7 @@ def test_sharded_parameters_give_the_replicated_rows(lineage, tiny_run, tmp_path
     assert (a["ckpt_hash"] == b["ckpt_hash"]).all() and len(a) > 50
 
     meta = Checkpoints(sharded, read_only=True).read_meta(0)
-    prober = Prober(sharded, meta, PROBES["probes"], PROBES["probe_set"], make_mesh(), shard_params=True)
+    prober = Prober(Workdir(sharded), meta, PROBES["probes"], PROBES["probe_set"], make_mesh(), shard_params=True)
     ckpts = Checkpoints(sharded, read_only=True)
     params = ckpts.restore(0, arrays={"params": prober.params_target})["params"]
     ckpts.close()

@@ -28,7 +28,7 @@ from entropy_jax.errors import UserError
 from entropy_jax.models import abstract_model, model_config
 from entropy_jax.sharding import make_mesh
 from entropy_jax.sweep import ResultsTable, sweep
-from entropy_jax.sweep.run import ProbeSetError
+from entropy_jax.sweep.probe_set import ProbeSetError
 from entropy_jax.train.metric_writer import read_metrics
 from entropy_jax.workdir import Workdir, WorkdirBusyError
 
@@ -253,7 +253,7 @@ def test_damaged_probe_set_is_named_and_rebuilt_when_deleted(swept, tmp_path):
     workdir = _copy(run, tmp_path / "damaged")
     path = Workdir(workdir).probe_set
     good = path.read_bytes()
-    recorded = ResultsTable(workdir).probe_set_sha256
+    recorded = ResultsTable(Workdir(workdir)).probe_set_sha256
     assert recorded == str(np.load(path)["sha256"])
     for damaged in (good[: len(good) // 2], b"garbled" * 100):  # truncated; not an archive at all
         path.write_bytes(damaged)

@@ -1,12 +1,15 @@
 """Probe types as registered evaluators (big_vision's evaluator style).
 
 A config entry ``config.probes.<name> = dict(type=<key of EVALUATORS>, **kwargs)`` becomes
-``EVALUATORS[type](name, entry, model_info)``. Each evaluator declares the rows it writes per
-checkpoint (:meth:`Evaluator.expected_keys`), what it needs from the forward passes
-(``needs_representations``, ``needs_attention``), and computes its rows (:meth:`Evaluator.run`, yielding
-``(key, value, note)``; ``note`` says why a value is NaN or a limit, "" otherwise). A new probe
-type is one class and one :func:`register_evaluator` call. The same evaluators run over saved
-checkpoints (the sweep) and inside training (``in_training=True`` entries).
+``EVALUATORS[type](name, entry, model_info)``. An evaluator reads and checks its own kwargs in
+its constructor (raising :class:`ProbeConfigError`, one line), so the config check
+(:func:`check_probes`) only constructs each entry and names no type. Each evaluator declares
+the rows it writes per checkpoint (:meth:`Evaluator.expected_keys`), what it reads from the
+forward passes (:meth:`Evaluator.reads`; the passes compute the union), and computes its rows
+(:meth:`Evaluator.run`, yielding ``(key, value, note)``; ``note`` says why a value is NaN or a
+limit, "" otherwise). A new probe type is one class and one :func:`register_evaluator` call.
+The same evaluators run over saved checkpoints (the sweep) and inside training
+(``in_training=True`` entries).
 """
 
 from __future__ import annotations
@@ -14,19 +17,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
 from flax import nnx
 
+from entropy_jax.errors import UserError, did_you_mean
 from entropy_jax.probes.diffusion import EXACT_MAX_SAMPLES, dse_estimate, dse_sample, median_distance
 from entropy_jax.probes.spectra import spectral_metrics
 from entropy_jax.probes.weights import param_path, weight_spectra
-from entropy_jax.sweep.forward import ATTENTION_METRICS, EXACT_NORMS_KEY, NORM_METHODS
+from entropy_jax.sweep.forward import ATTENTION_METRICS, EXACT_NORMS_KEY, NORM_METHODS, Reads
 from entropy_jax.sweep.table import RowKey
 
 Row = tuple[RowKey, float, str]
+
+
+class ProbeConfigError(UserError, ValueError):
+    """A probe entry's type or kwargs are invalid (one line naming ``probes.<name>.<key>``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,17 +57,24 @@ class Context:
 
 
 class Evaluator:
-    """Base class: ``name`` (the config entry), ``entry`` (its kwargs), ``info`` (the model)."""
+    """Base class: ``name`` (the config entry), ``entry`` (its kwargs), ``info`` (the model; None
+    when constructed only to check the kwargs). A subclass reads and checks its kwargs in its
+    constructor, cheaply (no data, no compilation), refusing a bad one with :meth:`refuse`."""
 
-    needs_representations: ClassVar[bool] = True  # reads the pass over the whole probe set
-    needs_attention: ClassVar[bool] = False  # reads the attention pass over its first sequences
-
-    def __init__(self, name: str, entry: Mapping[str, Any], info: ModelInfo):
+    def __init__(self, name: str, entry: Mapping[str, Any], info: ModelInfo | None = None):
         self.name, self.entry, self.info = name, dict(entry), info
+
+    def refuse(self, setting: str, requirement: str) -> NoReturn:
+        """``ProbeConfigError("probes.<name>.<setting> <requirement>")``, e.g. setting ``"k=0"``."""
+        raise ProbeConfigError(f"probes.{self.name}.{setting} {requirement}")
 
     @property
     def in_training(self) -> bool:
         return bool(self.entry.get("in_training", False))
+
+    def reads(self) -> Reads:
+        """What :meth:`run` reads from the forward passes (here: the pass over the whole probe set)."""
+        return Reads(probe_set=True)
 
     def expected_keys(self) -> set[RowKey]:
         raise NotImplementedError
@@ -83,15 +98,27 @@ class Representation(Evaluator):
     _FROM_RESULT = {"alpha_req_fit_start": "alpha_fit_start", "alpha_req_fit_stop": "alpha_fit_stop"}
     DSE_DEFAULTS = {"dse_samples": 512, "dse_seed": 0, "dse_sigma": 10.0, "dse_exact_max": EXACT_MAX_SAMPLES}
 
+    def __init__(self, name: str, entry: Mapping[str, Any], info: ModelInfo | None = None):
+        super().__init__(name, entry, info)
+        self.position = self.entry.get("position", "last")
+        if self.position not in ("last", "mean"):
+            self.refuse(f"position={self.position!r}", "must be 'last' or 'mean'")
+        fit = self.entry.get("alpha_fit_range")
+        if fit is not None and not (len(fit) == 2 and 0 <= fit[0] < fit[1]):
+            self.refuse(f"alpha_fit_range={tuple(fit)}", "must be (start, stop) with 0 <= start < stop, or None")
+        self.alpha_fit_range = tuple(fit) if fit else None
+        samples, sigma = self.dse_option("dse_samples"), self.dse_option("dse_sigma")
+        if not isinstance(samples, int) or samples < 0 or samples == 1:
+            self.refuse(f"dse_samples={samples!r}", "must be an integer >= 2 (0 = no DSE rows)")
+        if not (math.isfinite(sigma) and sigma >= 0):
+            self.refuse(f"dse_sigma={sigma}", "must be >= 0 (0 = no diffusion spectral entropy)")
+
     def dse_option(self, key: str) -> Any:
         value = self.entry.get(key)
         return self.DSE_DEFAULTS[key] if value is None else value
 
     def dse_metrics(self) -> tuple[str, ...]:
-        samples = self.dse_option("dse_samples")
-        if not isinstance(samples, int) or samples < 0 or samples == 1:
-            raise ValueError(f"probes.{self.name}.dse_samples={samples!r} must be an integer >= 2 (0 = no DSE rows)")
-        if not samples:
+        if not self.dse_option("dse_samples"):
             return ()
         fixed = float(self.dse_option("dse_sigma"))
         return ("dse_bits", "dse_sigma", "dse_n") + ((f"dse_bits_sigma{fixed:g}",) if fixed > 0 else ())
@@ -103,11 +130,10 @@ class Representation(Evaluator):
         return {(self.name, layer, -1, m) for layer in range(self.info.num_layers + 1) for m in self.metrics()}
 
     def run(self, ctx: Context) -> Iterator[Row]:
-        reps_NxLxD = ctx.forward[self.entry.get("position", "last")]
-        fit = self.entry.get("alpha_fit_range")
+        reps_NxLxD = ctx.forward[self.position]
         for layer in range(reps_NxLxD.shape[1]):
             x = reps_NxLxD[:, layer]
-            m = spectral_metrics(x, mesh=ctx.mesh, alpha_fit_range=tuple(fit) if fit else None)
+            m = spectral_metrics(x, mesh=ctx.mesh, alpha_fit_range=self.alpha_fit_range)
             ctx.spectra[f"{self.name}_layer{layer}"] = m["spectrum"]
             notes = m.get("notes", {})
             for metric in self.METRICS:
@@ -149,24 +175,21 @@ class Attention(Evaluator):
     (``norm=certified`` or ``norm=exact``).
     """
 
-    needs_representations = False
-    needs_attention = True
     DEFAULT_EXAMPLES = 128
     DEFAULT_NORM = "certified"
     _NORM_BOUNDS = ("attention_entropy_bound_logits", "attention_entropy_bound_weights")
 
-    def __init__(self, name: str, entry: Mapping[str, Any], info: ModelInfo):
+    def __init__(self, name: str, entry: Mapping[str, Any], info: ModelInfo | None = None):
         super().__init__(name, entry, info)
+        self.num_examples = int(self.entry.get("num_examples", self.DEFAULT_EXAMPLES))
+        if self.num_examples < 1:
+            self.refuse(f"num_examples={self.entry['num_examples']}", "must be >= 1")
+        self.norm = str(self.entry.get("norm", self.DEFAULT_NORM))
         if self.norm not in NORM_METHODS:
-            raise ValueError(f"probe {name!r}: norm must be one of {NORM_METHODS}, got {self.norm!r}")
+            raise ProbeConfigError(f"probe {name!r}: norm must be one of {NORM_METHODS}, got {self.norm!r}")
 
-    @property
-    def num_examples(self) -> int:
-        return int(self.entry.get("num_examples", self.DEFAULT_EXAMPLES))
-
-    @property
-    def norm(self) -> str:
-        return str(self.entry.get("norm", self.DEFAULT_NORM))
+    def reads(self) -> Reads:
+        return Reads(attention_examples=self.num_examples, attention_norm=self.norm)
 
     def expected_keys(self) -> set[RowKey]:
         return {(self.name, layer, head, m) for layer in range(1, self.info.num_layers + 1)
@@ -176,9 +199,9 @@ class Attention(Evaluator):
         used = "exact" if np.all(ctx.forward[EXACT_NORMS_KEY] == 1.0) else "certified"
         if used != self.norm:
             raise ValueError(f"probe {self.name!r} asks for norm={self.norm!r} but the forward pass took {used} "
-                             f"norms; pass the probe's norm to probe_forward(attention_norm=...)")
-        for metric in ATTENTION_METRICS:
-            per_head = ctx.forward[f"attention/{metric}"].mean(axis=0)  # L x H
+                             f"norms; pass the probe's reads() to probe_forward")
+        for metric in ATTENTION_METRICS:  # the pass may cover more sequences, for another attention probe
+            per_head = ctx.forward[f"attention/{metric}"][: self.num_examples].mean(axis=0)  # L x H
             for layer, heads in enumerate(per_head, start=1):
                 note = f"norm={used}" if metric in self._NORM_BOUNDS else ""
                 if not np.isfinite(heads).all():
@@ -193,7 +216,9 @@ class Weights(Evaluator):
     ``<param path>/<statistic>``, layer = its block (1..L) or -1."""
 
     STATS = ("spectral_norm", "frobenius_norm", "stable_rank", "condition_number")
-    needs_representations = False
+
+    def reads(self) -> Reads:
+        return Reads()  # the parameters only
 
     @staticmethod
     def block_of(path: str) -> int:
@@ -232,15 +257,32 @@ def register_evaluator(kind: str, cls: type[Evaluator]) -> None:
     EVALUATORS[kind] = cls
 
 
-def make_evaluators(probes: Mapping[str, Mapping[str, Any]], info: ModelInfo) -> dict[str, Evaluator]:
-    """One evaluator per config entry; an unknown type is an error naming the valid ones."""
-    out = {}
+def make_evaluator(name: str, entry: Mapping[str, Any], info: ModelInfo | None = None) -> Evaluator:
+    """The evaluator of config entry ``probes.<name>`` (its constructor checks its kwargs)."""
+    entry = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
+    kind = entry.get("type")
+    if kind not in EVALUATORS:
+        raise ProbeConfigError(f"probes.{name}.type={kind!r} is not a probe type{did_you_mean(str(kind), EVALUATORS)} "
+                               f"(registered: {', '.join(sorted(EVALUATORS))})")
+    return EVALUATORS[kind](name, entry, info)
+
+
+def make_evaluators(probes: Mapping[str, Mapping[str, Any]], info: ModelInfo | None = None) -> dict[str, Evaluator]:
+    """One evaluator per config entry, checked (their kwargs, and that their reads fit one set of
+    forward passes); ``info`` None: for checking only (no rows can be named)."""
+    out, reads = {}, Reads()
     for name, entry in probes.items():
-        kind = entry.get("type")
-        if kind not in EVALUATORS:
-            raise ValueError(f"probe {name!r} has unknown type {kind!r}; valid types: {sorted(EVALUATORS)}")
-        out[name] = EVALUATORS[kind](name, entry, info)
+        out[name] = make_evaluator(name, entry, info)
+        try:
+            reads |= out[name].reads()
+        except ValueError as e:
+            raise ProbeConfigError(f"probes.{name}: {e}") from e
     return out
+
+
+def check_probes(probes: Mapping[str, Mapping[str, Any]]) -> None:
+    """The config check of a ``probes`` section: every entry constructed (cheap), nothing run."""
+    make_evaluators(probes)
 
 
 def model_info(abstract_params: nnx.State, num_layers: int, num_heads: int) -> ModelInfo:

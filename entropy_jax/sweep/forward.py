@@ -9,13 +9,17 @@ Per example (so padding can be dropped and batches concatenated exactly):
     the mean over query rows of the measured attention entropy, its normalisation by ln T_i, and
     the Theorem 3.1 bound under three choices of s (:data:`ATTENTION_METRICS`).
 
+Each evaluator declares what it reads (:class:`Reads`); :func:`probe_forward` runs the union of
+the declarations of the evaluators with rows to compute, and skips a pass none of them reads.
 The model is read only through its outputs and methods (``return_intermediates``,
 ``query_key_kernels``), never through module attribute paths.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +47,33 @@ ATTENTION_METRICS = ("attention_entropy", "attention_entropy_normalised",
 # How ||Z||_2 and ||X||_2 in the bounds were taken (NORM_METHODS): "certified" upper bounds
 # (default, products only) or "exact" eigvalsh. Per example: 1.0 = exact, 0.0 = certified.
 EXACT_NORMS_KEY = "attention/exact_norms"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reads:
+    """What one evaluator reads from the forward passes; ``a | b`` is what both read.
+
+    ``probe_set``: the pass over every probe sequence (``last``, ``mean``, ``predictive_entropy``,
+    ``predictive_entropy_last``).
+    ``attention_examples``: the attention pass over the first this many sequences (0: none), its
+    spectral norms taken by ``attention_norm`` (:data:`NORM_METHODS`; one pass takes one method).
+    """
+
+    probe_set: bool = False
+    attention_examples: int = 0
+    attention_norm: str | None = None
+
+    def __or__(self, other: Reads) -> Reads:
+        norms = {self.attention_norm, other.attention_norm} - {None}
+        if len(norms) > 1:
+            raise ValueError(f"attention norms {sorted(norms)} asked for together: one attention pass takes one")
+        return Reads(self.probe_set or other.probe_set, max(self.attention_examples, other.attention_examples),
+                     next(iter(norms), None))
+
+
+def union(reads: Iterable[Reads]) -> Reads:
+    """What a set of evaluators reads together (nothing for none)."""
+    return functools.reduce(Reads.__or__, reads, Reads())
 
 
 def _spectral_norms(mats: jax.Array, norm: str) -> jax.Array:
@@ -152,17 +183,16 @@ def _batched(fn, graphdef, state, tokens: np.ndarray, mesh: jax.sharding.Mesh, b
 
 def probe_forward(
     graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, tokens: np.ndarray,
-    mesh: jax.sharding.Mesh, batch_size: int, attention_examples: int = 0, attention_norm: str = "certified",
-    representations: bool = True,
+    mesh: jax.sharding.Mesh, batch_size: int, reads: Reads = Reads(probe_set=True),
 ) -> dict[str, np.ndarray]:
-    """Representations and predictive entropies of all ``tokens`` (M x T) (unless not
-    ``representations``); attention statistics of the first ``attention_examples`` sequences only
-    (0: none). ``attention_norm``: how the bounds' spectral norms are taken, "certified" upper
-    bounds (matrix products, O(T^2) per head and example) or "exact" eigenvalues (O(T^3), one
-    LAPACK call at a time)."""
+    """The passes ``reads`` asks for over ``tokens`` (M x T): representations and predictive
+    entropies of all sequences (``reads.probe_set``); attention statistics of the first
+    ``reads.attention_examples`` only, the bounds' spectral norms taken as ``reads.attention_norm``
+    says: "certified" upper bounds (matrix products, O(T^2) per head and example, the default) or
+    "exact" eigenvalues (O(T^3), one LAPACK call at a time)."""
     state = (params, model_state)
-    out = _batched(_representations, graphdef, state, tokens, mesh, batch_size) if representations else {}
-    if attention_examples:
-        attention = functools.partial(_attention, norm=attention_norm)
-        out |= _batched(attention, graphdef, state, tokens[:attention_examples], mesh, batch_size)
+    out = _batched(_representations, graphdef, state, tokens, mesh, batch_size) if reads.probe_set else {}
+    if reads.attention_examples:
+        attention = functools.partial(_attention, norm=reads.attention_norm or "certified")
+        out |= _batched(attention, graphdef, state, tokens[:reads.attention_examples], mesh, batch_size)
     return out

@@ -72,9 +72,8 @@ class ResultsTable:
     """The writer: knows which keys are present and appends only new rows (one writer at a time:
     the caller holds the workdir's lock)."""
 
-    def __init__(self, workdir: str | Path):
-        wd = Workdir(workdir)
-        self.path = wd.results if _PARQUET else wd.probes / "results.csv"
+    def __init__(self, workdir: Workdir):
+        self.path = workdir.results if _PARQUET else workdir.results_csv
         if self.path.exists():
             self.frame = _read(self.path)
         else:
