@@ -68,6 +68,7 @@ import scipy.linalg  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from entropy_jax import probes  # noqa: E402
+from entropy_jax.probes import diffusion_slq  # noqa: E402
 
 
 def measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -249,7 +250,7 @@ def dse_estimate_rows(sizes: list[int], exact_up_to: int, d: int = 32) -> list[R
     for n in sizes:
         x = layernorm_like(n, d)
         for label, sigma in (("median", probes.diffusion.median_distance(x)), ("10", 10.0)):
-            ours = timed(lambda x=x, s=sigma: probes.diffusion.diffusion_spectral_entropy_slq(x, s), repeats=1)
+            ours = timed(lambda x=x, s=sigma: diffusion_slq.diffusion_spectral_entropy_slq(x, s), repeats=1)
             base = None
             if n <= exact_up_to:
                 base = timed(lambda x=x, s=sigma: probes.diffusion_spectral_entropy(x, s, max_samples=None), repeats=1)
@@ -321,7 +322,7 @@ def attention_bound_rows(workdir: str | None, num_examples: int) -> list[Row]:
 
     from flax import nnx
 
-    from entropy_jax.probes.attention import spectral_norm_upper_bound
+    from entropy_jax.probes.matrix_norms import spectral_norm_upper_bound
     from entropy_jax.sharding import make_mesh
     from entropy_jax.sweep import forward
 

@@ -15,7 +15,7 @@ from flax import nnx
 from entropy_jax import data, probes
 from entropy_jax.checkpoint import Checkpoints
 from entropy_jax.models import ModelConfig, abstract_model
-from entropy_jax.probes import attention as att
+from entropy_jax.probes import matrix_norms as norms
 from entropy_jax.sharding import data_sharding, make_mesh
 from entropy_jax.sweep.evaluators import Attention, Context, ModelInfo
 from entropy_jax.sweep.forward import ATTENTION_METRICS, EXACT_NORMS_KEY, _attention_stats
@@ -51,7 +51,7 @@ def _exact(mats: np.ndarray) -> np.ndarray:
 def test_certified_norm_is_never_below_the_exact_norm() -> None:
     fams = _matrices()
     mats = np.concatenate(list(fams.values()))
-    bound = np.asarray(jax.jit(jax.vmap(att.spectral_norm_upper_bound))(mats), np.float64)
+    bound = np.asarray(jax.jit(jax.vmap(norms.spectral_norm_upper_bound))(mats), np.float64)
     exact = _exact(mats)
     family = np.repeat(list(fams), [len(v) for v in fams.values()])
     assert not set(family[~(bound >= exact)]), (bound / exact)[~(bound >= exact)]
@@ -63,12 +63,12 @@ def test_certified_norm_is_tight_when_the_rank_is_low() -> None:
     rng = np.random.default_rng(1)
     low_rank = [rng.standard_normal((64, r)) @ rng.standard_normal((r, 48)) for r in (1, 3, 8)]
     mats = np.stack([*low_rank, np.zeros((64, 48))])
-    bound = np.asarray(jax.jit(jax.vmap(att.spectral_norm_upper_bound))(mats.astype(np.float32)))
+    bound = np.asarray(jax.jit(jax.vmap(norms.spectral_norm_upper_bound))(mats.astype(np.float32)))
     np.testing.assert_allclose(bound[:3] / _exact(mats[:3]), 1.0, atol=2e-3)  # rank <= 8: only the margin is left
     assert bound[3] == 0.0
     tall = rng.standard_normal((2, 96, 24)).astype(np.float32)  # the small-Gram route (a T x D input)
     for mats in (tall, np.swapaxes(tall, 1, 2)):
-        ratio = np.asarray(jax.jit(jax.vmap(att.spectral_norm_upper_bound))(mats)) / _exact(mats)
+        ratio = np.asarray(jax.jit(jax.vmap(norms.spectral_norm_upper_bound))(mats)) / _exact(mats)
         assert (ratio >= 1).all() and (ratio < 1.003).all()
 
 
@@ -82,8 +82,8 @@ def test_each_piece_bounds_the_norm(m: int, n: int, k: int) -> None:
     q[:, :, 0] = 0.0
     s = rng.standard_normal((trials, k, k))
     s = s + np.swapaxes(s, 1, 2)  # indefinite: the bound covers the largest |eigenvalue|
-    pieces = lambda a, q, s: (att._entrywise_norm_bounds_squared(a), att._collatz_wielandt_squared(a, 3),
-                              att._projection_bound_squared(a, q, 6), att._max_eigenvalue_upper_bound(s, 10))
+    pieces = lambda a, q, s: (norms._entrywise_norm_bounds_squared(a), norms._collatz_wielandt_squared(a, 3),
+                              norms._projection_bound_squared(a, q, 6), norms._max_eigenvalue_upper_bound(s, 10))
     with jax.enable_x64(True):
         entrywise, cw, projection, eig = map(np.asarray, jax.jit(jax.vmap(pieces))(a, q, s))
     exact2 = _exact(a) ** 2 * (1 - 1e-12)
@@ -98,7 +98,7 @@ def test_bilinear_form_norm_matches_numpy() -> None:
         for d, dh in [(16, 4), (8, 8)]:
             w_q, w_k = rng.standard_normal((d, dh)), rng.standard_normal((d, dh))
             w_k[:, -1] = 0.0  # rank-deficient W_K: zero eigenvalues under the square root
-            np.testing.assert_allclose(float(att.bilinear_form_norm(w_q, w_k)), np.linalg.norm(w_k @ w_q.T, 2),
+            np.testing.assert_allclose(float(norms.bilinear_form_norm(w_q, w_k)), np.linalg.norm(w_k @ w_q.T, 2),
                                        rtol=1e-10)
 
 

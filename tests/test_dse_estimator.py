@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.spatial.distance
 
-from entropy_jax.probes import diffusion
+from entropy_jax.probes import diffusion, diffusion_slq
 
 REF = Path(__file__).resolve().parent / "testdata" / "reference"
 
@@ -30,7 +30,7 @@ def _ln_like(n: int, d: int, seed: int = 0) -> np.ndarray:
 def test_slq_matches_official_values_within_its_stated_error(name: str, key: str) -> None:
     expected = json.loads((REF / "values.json").read_text())["values"][name]["dse_bits"][key]
     sigma, t = float(key.split(",")[0][6:]), int(key.split("=")[-1])
-    est = diffusion.diffusion_spectral_entropy_slq(np.load(REF / f"{name}.npy"), sigma, t)
+    est = diffusion_slq.diffusion_spectral_entropy_slq(np.load(REF / f"{name}.npy"), sigma, t)
     assert est.method == "slq" and est.n == 500 and est.stderr > 0
     assert abs(est.bits - expected) <= 3 * est.stderr + est.quadrature_halfgap + 1e-4, (est, expected)
     assert abs(est.bits - expected) <= 0.01 * expected
@@ -40,7 +40,7 @@ def test_far_apart_points_give_log2_n_exactly() -> None:
     # K = identity: the Krylov space of every start vector is exhausted after one step. The points'
     # scale (|x|^2 / sigma^2 ~ 1e9) would round the diagonal of G in float32: the tiles run in float64.
     far = np.arange(500)[:, None] * 100.0 * np.ones((1, 32))
-    est = diffusion.diffusion_spectral_entropy_slq(far, 1.0)
+    est = diffusion_slq.diffusion_spectral_entropy_slq(far, 1.0)
     assert abs(est.bits - np.log2(500)) < 1e-9 and est.quadrature_halfgap < 1e-12
 
 
@@ -54,10 +54,10 @@ def test_gauss_and_radau_rules_bracket_the_quadratic_form() -> None:
     v = np.random.default_rng(2).standard_normal((200, 3))
     exact = np.einsum("ij,i,ij->j", vec.T @ v, lam * np.log(np.where(lam > 0, lam, 1)), vec.T @ v)
     with jax.enable_x64(True):
-        a, b = diffusion._lanczos(jnp.asarray(x - x.mean(0)), jnp.asarray(s), jnp.asarray(v),
-                                  jnp.asarray(1 / (2 * sigma**2)), 200, jnp.float64, 6)
+        a, b = diffusion_slq._lanczos(jnp.asarray(x - x.mean(0)), jnp.asarray(s), jnp.asarray(v),
+                                      jnp.asarray(1 / (2 * sigma**2)), 200, jnp.float64, 6)
     for j in range(3):
-        _, gauss, radau = diffusion._quadrature(np.asarray(a[:, j]), np.asarray(b[:, j]), 1)
+        _, gauss, radau = diffusion_slq._quadrature(np.asarray(a[:, j]), np.asarray(b[:, j]), 1)
         quad = np.array([gauss, radau]) * (v[:, j] @ v[:, j])
         assert quad[0] < exact[j] < quad[1], (quad, exact[j])  # six nodes: not yet exact, but bracketed
 
@@ -65,7 +65,7 @@ def test_gauss_and_radau_rules_bracket_the_quadratic_form() -> None:
 def test_stated_standard_error_matches_the_spread_over_seeds() -> None:
     x = _ln_like(500, 32, seed=3)
     sigma = diffusion.median_distance(x)
-    runs = [diffusion.diffusion_spectral_entropy_slq(x, sigma, seed=seed) for seed in range(6)]
+    runs = [diffusion_slq.diffusion_spectral_entropy_slq(x, sigma, seed=seed) for seed in range(6)]
     spread = np.std([r.bits for r in runs], ddof=1)
     stated = np.mean([r.stderr for r in runs])
     assert 0.4 < spread / stated < 2.5, (spread, stated)
@@ -75,8 +75,8 @@ def test_stated_standard_error_matches_the_spread_over_seeds() -> None:
 
 def test_padding_rows_do_not_change_the_estimate() -> None:
     x = _ln_like(500, 32, seed=4)
-    one_tile = diffusion.diffusion_spectral_entropy_slq(x, 5.0, tile=500)
-    padded = diffusion.diffusion_spectral_entropy_slq(x, 5.0)  # tiles of 256: 12 padding rows
+    one_tile = diffusion_slq.diffusion_spectral_entropy_slq(x, 5.0, tile=500)
+    padded = diffusion_slq.diffusion_spectral_entropy_slq(x, 5.0)  # tiles of 256: 12 padding rows
     assert abs(one_tile.bits - padded.bits) < 1e-6 and abs(one_tile.stderr - padded.stderr) < 1e-6
 
 
@@ -85,7 +85,7 @@ def test_memory_is_linear_in_n_at_fifty_thousand_rows() -> None:
     with jax.enable_x64(True):
         args = (jax.ShapeDtypeStruct((n, d), jnp.float64), jax.ShapeDtypeStruct((n,), jnp.float64),
                 jax.ShapeDtypeStruct((n, cols), jnp.float64), jax.ShapeDtypeStruct((), jnp.float64))
-        compiled = jax.jit(diffusion._lanczos, static_argnums=(4, 5, 6)).lower(*args, 256, jnp.float32, 4).compile()
+        compiled = jax.jit(diffusion_slq._lanczos, static_argnums=(4, 5, 6)).lower(*args, 256, jnp.float32, 4).compile()
     stats = compiled.memory_analysis()
     total = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
     assert total < 400 * 2**20, total / 2**20  # the dense N x N float64 kernel alone is 20 GB
@@ -93,10 +93,10 @@ def test_memory_is_linear_in_n_at_fifty_thousand_rows() -> None:
 
 def test_dse_estimate_switches_at_the_threshold_and_says_which() -> None:
     x = _ln_like(500, 32, seed=5)
-    exact = diffusion.dse_estimate(x, 10.0, exact_max=500)
+    exact = diffusion_slq.dse_estimate(x, 10.0, exact_max=500)
     assert exact.method == "exact" and exact.note() == "exact, N=500"
     assert exact.bits == diffusion.diffusion_spectral_entropy(x, 10.0, max_samples=None)
-    est = diffusion.dse_estimate(x, 10.0, exact_max=499)
+    est = diffusion_slq.dse_estimate(x, 10.0, exact_max=499)
     assert est.method == "slq" and est.note().startswith("slq, N=500: standard error")
     assert abs(est.bits - exact.bits) <= 3 * est.stderr + est.quadrature_halfgap + 1e-4
 
@@ -112,4 +112,4 @@ def test_median_distance_is_the_median_of_pdist_and_makes_dse_scale_invariant() 
 
 def test_bad_arguments_raise_one_clear_error() -> None:
     with pytest.raises(ValueError, match="sigma > 0 and an integer diffusion time"):
-        diffusion.diffusion_spectral_entropy_slq(np.ones((10, 2)), sigma=0.0)
+        diffusion_slq.diffusion_spectral_entropy_slq(np.ones((10, 2)), sigma=0.0)

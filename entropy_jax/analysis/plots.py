@@ -21,7 +21,7 @@ from matplotlib.patches import Patch
 
 from entropy_jax.analysis import phases as ph
 from entropy_jax.analysis import results as res
-from entropy_jax.probes.spectra import numerical_rank
+from entropy_jax.probes.stats import numerical_rank
 from entropy_jax.sharding import is_writer
 from entropy_jax.workdir import Workdir
 

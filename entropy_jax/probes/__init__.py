@@ -4,6 +4,7 @@
 representation-spectrum probes from one sharded pass over x. One module per probe family.
 """
 
+from entropy_jax.probes.alpha_req import AlphaReqResult, alpha_req, alpha_req_from_spectrum, default_alpha_window
 from entropy_jax.probes.attention import (
     attention_entropy,
     attention_entropy_blocked,
@@ -22,11 +23,7 @@ from entropy_jax.probes.diffusion import (
     gaussian_kernel,
 )
 from entropy_jax.probes.spectra import (
-    AlphaReqResult,
-    alpha_req,
-    alpha_req_from_spectrum,
     covariance_spectrum,
-    default_alpha_window,
     rankme,
     rankme_cov,
     spectral_metrics,

@@ -3,6 +3,9 @@
 Entropies are exact and in **nats**: ``Ent(A_i) = logsumexp(z_i) - sum_j softmax(z_i)_j z_ij``,
 no epsilon. Everything here is a pure ``jnp`` function and jit-compatible; it computes in the
 logits' dtype (bf16/f16 are upcast to float32; pass float64 under x64 for float64 results).
+
+The spectral norms that give the bound its s (exact, certified upper bounds, ``||W_K W_Q^T||``)
+live in :mod:`entropy_jax.probes.matrix_norms`.
 """
 
 from __future__ import annotations
@@ -13,12 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from entropy_jax.probes.stats import as_float, x64_when_eager
-
-
-def _float(x: Any) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+from entropy_jax.probes.matrix_norms import bilinear_form_norm, spectral_norm
+from entropy_jax.probes.stats import as_float, at_least_float32, x64_when_eager
 
 
 def row_entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -29,7 +28,7 @@ def row_entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     ``mask`` (bool, broadcastable, True = key visible) removes keys; a row with no visible key
     (all keys masked, or all logits ``-inf``) has no distribution and gets NaN.
     """
-    z = _float(logits)
+    z = at_least_float32(logits)
     if mask is not None:
         z = jnp.where(mask, z, -jnp.inf)
     # -sum p (z - lse): every term is >= 0, so no cancellation for peaked rows.
@@ -89,7 +88,7 @@ def attention_entropy(logits: Any, mask: Any | None = None, *, causal: bool = Fa
     keys are NaN in ``row`` and excluded from the means (a head with none is NaN). Uniform logits
     give ``ln T_i``; one-hot (limit) logits give 0.
     """
-    z = _float(logits)
+    z = at_least_float32(logits)
     if z.ndim < 4:
         raise ValueError(f"logits must be (..., B, H, Tq, Tk), got shape {z.shape}; add batch/head axes")
     visible = jnp.ones(z.shape[-2:], bool) if mask is None else jnp.asarray(mask, bool)
@@ -124,7 +123,7 @@ def attention_entropy_blocked(
     carrying per row ``m = max z``, ``s = sum e^(z-m)`` and ``u = sum e^(z-m)(z-m)``; then
     ``Ent = ln s - u / s`` nats. Memory O(B H Tq key_block) instead of O(B H Tq Tk).
     """
-    q, k = _float(q), _float(k)
+    q, k = at_least_float32(q), at_least_float32(k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tq, tk = q.shape[-2], k.shape[-2]
     nb = -(-tk // key_block)
@@ -163,182 +162,6 @@ def attention_entropy_lower_bound(s: Any, num_keys: Any) -> jax.Array:
     return jnp.where(t >= 2, bound, jnp.where(t >= 1, 0.0, jnp.nan))
 
 
-NORM_METHODS = ("certified", "exact")
-
-
-def _spectral_norm_squared(a: jax.Array) -> jax.Array:
-    """``||A||_2^2`` = largest eigenvalue of the smaller Gram (``A^T A`` or ``A A^T``), by ``eigvalsh``.
-
-    Not ``jnp.linalg.norm(ord=2)``: that is an SVD (``gesdd``), and under ``vmap`` a batched
-    ``gesdd`` deadlocks XLA:CPU in a program sharded over several CPU devices.
-    """
-    gram = a.T @ a if a.shape[-1] <= a.shape[-2] else a @ a.T
-    return jnp.maximum(jnp.linalg.eigvalsh(gram)[-1], 0.0)
-
-
-def _orthonormal_columns(y: jax.Array) -> jax.Array:
-    """Classical Gram–Schmidt applied twice per column ("twice is enough"), matmuls only.
-
-    A column with under 1% of its norm outside the span of the previous ones becomes 0 (its
-    normalised remainder would be mostly rounding). The result is orthonormal to rounding on its
-    nonzero columns; callers must not rely on more (see :func:`spectral_norm_upper_bound`).
-    """
-
-    def column(j: jax.Array, q: jax.Array) -> jax.Array:
-        v0 = jax.lax.dynamic_index_in_dim(y, j, axis=1, keepdims=False)
-        v = v0 - q @ (q.T @ v0)
-        v = v - q @ (q.T @ v)
-        n, n0 = jnp.linalg.norm(v), jnp.linalg.norm(v0)
-        keep = n > 1e-2 * n0
-        return q.at[:, j].set(jnp.where(keep, v / jnp.where(keep, n, 1.0), 0.0))
-
-    return jax.lax.fori_loop(0, y.shape[1], column, jnp.zeros_like(y))
-
-
-def _max_eigenvalue_upper_bound(s: jax.Array, squarings: int) -> jax.Array:
-    """``lambda_max(S) <= ||S^m||_F^(1/m)``, m = 2^squarings, for symmetric S (k x k).
-
-    True for every symmetric S: ``||S^m||_F^2 = sum_i lambda_i^(2m) >= max_i |lambda_i|^(2m)``;
-    at most ``k^(1/(2m))`` times too large. Computed by repeated squaring, rescaled to unit
-    Frobenius norm at each step and the log scales accumulated, so nothing overflows.
-    """
-    s = (s + s.T) / 2
-    f0 = jnp.linalg.norm(s)
-    a = s / jnp.where(f0 > 0, f0, 1.0)
-    log_bound = jnp.log(jnp.where(f0 > 0, f0, 1.0))
-    for i in range(1, squarings + 1):
-        a = a @ a
-        f = jnp.linalg.norm(a)  # >= lambda_max(a)^2 >= 1/k since ||a||_F = 1 before squaring
-        log_bound = log_bound + jnp.log(f) / 2**i
-        a = a / f
-    return jnp.where(f0 > 0, jnp.exp(log_bound), 0.0)
-
-
-def _entrywise_norm_bounds_squared(a: jax.Array) -> jax.Array:
-    """``min(||A||_F^2, ||A||_1 ||A||_inf)``: both are at least ``||A||_2^2`` (Hölder)."""
-    frobenius = jnp.sum(a * a)
-    holder = jnp.max(jnp.sum(jnp.abs(a), axis=0)) * jnp.max(jnp.sum(jnp.abs(a), axis=1))
-    return jnp.minimum(frobenius, holder)
-
-
-def _collatz_wielandt_squared(a: jax.Array, steps: int) -> jax.Array:
-    """``max_i (N x)_i / x_i >= rho(N) >= ||A||_2^2`` with ``N = |A|^T |A|`` and x > 0.
-
-    Collatz–Wielandt: for nonnegative N and positive x, ``D^-1 N D`` (D = diag x) is similar to N
-    and its largest row sum is ``max_i (N x)_i / x_i``, which bounds every eigenvalue's modulus.
-    ``|A^T A| <= N`` entrywise, so ``||A||_2^2 = rho(A^T A) <= rho(N)`` (Perron–Frobenius
-    monotonicity). x starts at ones and takes ``steps`` power steps (kept positive).
-    """
-    n_abs = jnp.abs(a)
-    apply = lambda x: n_abs.T @ (n_abs @ x)
-    x = jnp.ones(a.shape[1], a.dtype)
-    for _ in range(steps):
-        y = apply(x)
-        x = y / jnp.maximum(jnp.max(y), jnp.finfo(a.dtype).tiny) + 1e-6
-    y = apply(x)
-    return jnp.max(y / x)
-
-
-def _projection_bound_squared(a: jax.Array, q: jax.Array, squarings: int) -> jax.Array:
-    """``(1 + 3 delta) ||Q^T A||_2^2 + ||A - Q Q^T A||_2^2 >= ||A||_2^2`` for any Q (m x k).
-
-    With ``B = Q^T A``, ``R = A - Q B``, ``E = Q^T Q - D`` (D = 1 on Q's nonzero columns, 0 on
-    its zero ones; B's rows there are 0, so ``D B = B``) and ``delta = ||E||_F >= ||E||_2``: for
-    a unit x, ``||A x||^2 = ||Q B x||^2 + ||R x||^2 + 2 (Q B x)^T R x``, where
-    ``||Q B x||^2 = ||B x||^2 + x^T B^T E B x`` and ``Q^T R = B - Q^T Q B = -E B``, so the cross
-    term is ``-2 x^T B^T E B x``; each E term is at most ``delta ||B||_2^2``. No orthogonality is
-    assumed. ``||B||_2^2`` is bounded by :func:`_max_eigenvalue_upper_bound` of ``B B^T`` and
-    ``||R||_2^2`` by :func:`_entrywise_norm_bounds_squared`.
-    """
-    b = q.T @ a
-    r = a - q @ b
-    nonzero = (jnp.sum(q * q, axis=0) > 0).astype(a.dtype)
-    delta = jnp.linalg.norm(q.T @ q - jnp.diag(nonzero))
-    return (1.0 + 3.0 * delta) * _max_eigenvalue_upper_bound(b @ b.T, squarings) + _entrywise_norm_bounds_squared(r)
-
-
-def _deflated_bound_squared(a: jax.Array, rank: int, power_steps: int, squarings: int) -> jax.Array:
-    """:func:`_projection_bound_squared` with Q spanning ``rank`` directions from subspace
-    iteration (``power_steps`` rounds) from a fixed Gaussian start: R keeps only the tail
-    ``sigma_{k+1..}``, so the bound is about ``sigma_1^2 + sum_{i > k} sigma_i^2``."""
-    omega = jax.random.normal(jax.random.key(0), (a.shape[1], rank), a.dtype)
-    q = _orthonormal_columns(a @ omega)
-    for _ in range(power_steps):
-        q = _orthonormal_columns(a @ _orthonormal_columns(a.T @ q))
-    return _projection_bound_squared(a, q, squarings)
-
-
-def spectral_norm_upper_bound(
-    a: Any, *, rank: int = 8, power_steps: int = 2, squarings: int = 10, cw_steps: int = 4
-) -> jax.Array:
-    """A certified upper bound on ``||A||_2`` (largest singular value) from matrix products only.
-
-    The minimum of four bounds, each ``>= ||A||_2^2`` in exact arithmetic (proofs in the helpers):
-      * ``||A||_F^2`` and ``||A||_1 ||A||_inf`` (Hölder's ``||A||_2^2 <= ||A||_1 ||A||_inf``);
-      * Collatz–Wielandt on ``|A|^T |A|`` after ``cw_steps`` power steps
-        (:func:`_collatz_wielandt_squared`; tight for same-sign matrices);
-      * deflation: a rank-``rank`` subspace Q from subspace iteration splits ``||A x||^2`` into
-        ``||Q^T A x||^2 + ||(I - Q Q^T) A x||^2`` (corrected for Q's loss of orthogonality), the
-        first bounded by ``||(Q^T A A^T Q)^m||_F^(1/m)``, m = ``2^squarings``, the second by
-        its Frobenius norm (:func:`_deflated_bound_squared`); about
-        ``sqrt(sigma_1^2 + sum_{i > rank} sigma_i^2)``, so tight when the spectrum decays.
-    For a tall or wide A (``2 min(m, n) <= max(m, n)``, e.g. a T x D input with D <= T / 2) the
-    bound is instead ``||(A^T A)^p||_F^(1/p)`` of the smaller Gram, p = ``2^squarings``: at most
-    ``min(m, n)^(1/(2p))`` too large, cost O(m n min(m, n) + squarings min(m, n)^3).
-    Why not a Lanczos/power Ritz value with a residual bound: for symmetric ``A^T A`` a residual
-    only places *some* eigenvalue near the Ritz value, not the largest, so without a gap
-    estimate it certifies nothing above the true norm.
-
-    Every step is a product (no LAPACK), so the function vmaps inside programs sharded over
-    several CPU devices. Cost ``O(m n (rank (2 power_steps + 3) + 2 cw_steps))`` for an m x n
-    A, against ``O(m n min(m, n))`` for an exact norm. Computed in A's float dtype (at least
-    float32); the result is scaled by ``1 + 4 max(m, n) eps`` to cover rounding in the
-    length-``max(m, n)`` sums (Higham's ``gamma_n``). Units: those of A. 0 for A = 0.
-    """
-    a = _float(a)
-    if a.ndim != 2:
-        raise ValueError(f"a must be a matrix (m, n), got shape {a.shape}; vmap over leading axes")
-    rank = max(1, min(rank, *a.shape))
-    # ||A|| = c ||A / c|| with c = max |a_ij|: the squares below neither overflow nor underflow.
-    c = jnp.max(jnp.abs(a))
-    a = a / jnp.where(c > 0, c, 1.0)
-    if 2 * min(a.shape) <= max(a.shape):
-        # Wide or tall: the small Gram costs O(m n min(m, n)) and its squarings are at most
-        # min(m, n)^(1 / 2^(squarings + 1)) too large, so the other bounds are not needed.
-        gram = a.T @ a if a.shape[1] < a.shape[0] else a @ a.T
-        squared = _max_eigenvalue_upper_bound(gram, squarings)
-    else:
-        squared = jnp.minimum(_entrywise_norm_bounds_squared(a), _collatz_wielandt_squared(a, cw_steps))
-        squared = jnp.minimum(squared, _deflated_bound_squared(a, rank, power_steps, squarings))
-    margin = 1.0 + 4.0 * max(a.shape) * jnp.finfo(a.dtype).eps
-    return c * jnp.sqrt(jnp.maximum(squared, 0.0)) * margin
-
-
-def spectral_norm(a: Any, method: str = "exact") -> jax.Array:
-    """``||A||_2`` for ``method="exact"`` (``eigvalsh`` of the smaller Gram: LAPACK, map it one
-    matrix at a time in sharded CPU programs), or :func:`spectral_norm_upper_bound` for
-    ``"certified"`` (never below the exact value; products only, vmaps anywhere)."""
-    if method == "exact":
-        return jnp.sqrt(_spectral_norm_squared(_float(a)))
-    if method == "certified":
-        return spectral_norm_upper_bound(a)
-    raise ValueError(f"norm method must be one of {NORM_METHODS}, got {method!r}")
-
-
-def bilinear_form_norm(w_q: Any, w_k: Any) -> jax.Array:
-    """``||W_K W_Q^T||_2`` for W_Q, W_K (D, Dh) without forming the D x D product.
-
-    With ``C_K = W_K^T W_K = V diag(c) V^T`` and ``L = V diag(sqrt c)``, ``W_K = U L^T`` for some
-    U with orthonormal columns, so ``||W_K W_Q^T|| = ||W_Q L||`` and its square is the largest
-    eigenvalue of the Dh x Dh ``L^T (W_Q^T W_Q) L``: two Dh x Dh ``eigh`` (LAPACK: map one
-    head at a time in sharded CPU programs), O(D Dh^2).
-    """
-    w_q, w_k = _float(w_q), _float(w_k)
-    c, v = jnp.linalg.eigh(w_k.T @ w_k)
-    wl = w_q @ (v * jnp.sqrt(jnp.maximum(c, 0.0)))
-    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(wl.T @ wl)[-1], 0.0))
-
-
 def attention_entropy_bounds(
     logits: Any,
     mask: Any | None = None,
@@ -365,7 +188,7 @@ def attention_entropy_bounds(
     the ordering between ``bound_logits`` and ``bound_weights`` is then not guaranteed).
     ``||W_K W_Q^T||_2`` is exact in both (:func:`bilinear_form_norm`).
     """
-    z = _float(logits)
+    z = at_least_float32(logits)
     if z.ndim != 2:
         raise ValueError(f"logits must be one head's (Tq, Tk) matrix, got shape {z.shape}")
     visible = jnp.ones(z.shape, bool) if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), z.shape)
@@ -391,10 +214,10 @@ def head_entropy_bins(entropies: Any, max_entropy: Any | None = None) -> dict[st
     ``fractions`` (4,) over all heads; ``per_layer`` (L, 4) for 2-D input. Many heads in the top
     quarter (early layers) = entropic overload; in the bottom quarter (deep layers) = collapse.
     """
-    e = _float(entropies)
+    e = at_least_float32(entropies)
     if e.ndim not in (1, 2):
         raise ValueError(f"entropies must be (H,) or (L, H) per-head values, got shape {e.shape}")
-    top = jnp.max(e) if max_entropy is None else _float(max_entropy)
+    top = jnp.max(e) if max_entropy is None else at_least_float32(max_entropy)
     quarter = jnp.clip(jnp.floor(4.0 * e / jnp.where(top > 0, top, 1.0)), 0, 3).astype(jnp.int32)
     onehot = jax.nn.one_hot(quarter, 4, dtype=e.dtype)
     out = {"fractions": jnp.mean(onehot.reshape(-1, 4), axis=0), "max_entropy": top}

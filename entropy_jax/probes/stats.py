@@ -1,4 +1,4 @@
-"""Numerics shared by the probes: float64 dispatch, input checks, sharded scatter statistics.
+"""Numerics shared by the probes: float64 dispatch, input checks, sharded scatter statistics, numerical rank.
 
 float64 policy: the training code runs without ``jax_enable_x64``. Every probe that promises
 float64 accuracy is wrapped in :func:`x64_when_eager`: called on concrete arrays it runs inside
@@ -11,6 +11,10 @@ and a *centred* scatter; the pieces are merged with the k-way form of Chan et al
 update (Chan, Golub & LeVeque 1979), ``M2 = sum_i [M2_i + n_i (mu_i - mu)(mu_i - mu)^T]``,
 inside ``jax.shard_map`` with ``psum``. Nothing of the form ``X^T X / N - mu mu^T`` is ever
 formed, so large activation means cause no cancellation.
+
+Numerical rank: the count of eigenvalues above ``max(1e-9, 100 eps)`` of the largest, where
+alpha-ReQ windows and R^2 ranges stop and the RankMe / entropy limits are read
+(:func:`numerical_rank`, traceable :func:`rank_count`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ def x64_when_eager(fn: F) -> F:
 def as_float(x: Any) -> jax.Array:
     """``x`` as the widest float available (float64 inside :func:`x64_when_eager`)."""
     return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+def at_least_float32(x: Any) -> jax.Array:
+    """``x`` as an array of its own float dtype, at least float32 (bf16/f16 and ints upcast)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def check_finite(x: Any, name: str = "x") -> None:
@@ -251,3 +261,38 @@ def gram_eigenvalues(x: Any, *, centred: bool, mesh: Mesh | None = None) -> jax.
     stats = scatter_stats(x, mesh)
     check_stats_finite(stats)
     return descending_eigvalsh(stats.m2 if centred else stats.uncentred(), min(n, d))
+
+
+NULL_EIGENVALUE_RTOL = 1e-9
+NULL_EIGENVALUE_EPS = 100  # in a float32 Gram, eigenvalues below 100 eps of the largest are rounding
+
+
+def null_eigenvalue_rtol(dtype: Any) -> float:
+    """Numerical-rank threshold: ``max(1e-9, 100 eps)`` (1e-9 in float64, 1.2e-5 in float32).
+
+    A float32 Gram (a caller's float32 ``jit``) puts an exact null direction at about 1e-7 of the
+    largest eigenvalue, above the float64 threshold 1e-9; the floor of 100 eps keeps it out there
+    too. Genuine eigenvalues that small cannot be told from rounding in float32, so a float32
+    trace agrees with the eager (float64) alpha only for spectra above 1.2e-5 of the largest; run
+    the trace under ``jax.enable_x64(True)`` for the float64 window.
+    """
+    return max(NULL_EIGENVALUE_RTOL, NULL_EIGENVALUE_EPS * float(jnp.finfo(dtype).eps))
+
+
+def rank_count(ev: jax.Array) -> jax.Array:
+    """Traceable :func:`numerical_rank`: eigenvalues above ``null_eigenvalue_rtol`` x the largest."""
+    return jnp.sum(ev > null_eigenvalue_rtol(ev.dtype) * ev[0])
+
+
+def numerical_rank(ev: Any, rtol: float | None = None) -> int:
+    """Number of eigenvalues above ``rtol`` x the largest (``ev`` descending); 0 for a zero spectrum.
+
+    ``rtol`` defaults to :func:`null_eigenvalue_rtol` of ``ev``'s dtype (1e-9 in float64).
+    A LayerNorm output has an exact null direction (its features sum to zero); float rounding
+    turns it into an eigenvalue about 1e-13 (float64) or 1e-7 (float32) of the largest. A power
+    law fitted through that eigenvalue measures rounding, not geometry, so default windows stop
+    at the numerical rank. Eager (returns an int); traced code counts the same inside the trace.
+    """
+    ev = np.asarray(ev)
+    rtol = null_eigenvalue_rtol(ev.dtype) if rtol is None else rtol
+    return int(np.sum(ev > rtol * ev[0]))

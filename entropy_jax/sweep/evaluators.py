@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from entropy_jax.errors import UserError, did_you_mean
-from entropy_jax.probes.diffusion import EXACT_MAX_SAMPLES, dse_estimate, dse_sample, median_distance
+from entropy_jax.probes.diffusion import dse_sample, median_distance
+from entropy_jax.probes.diffusion_slq import EXACT_MAX_SAMPLES, dse_estimate
 from entropy_jax.probes.spectra import spectral_metrics
 from entropy_jax.probes.weights import param_path, weight_spectra
 from entropy_jax.sweep.forward import ATTENTION_METRICS, EXACT_NORMS_KEY, NORM_METHODS, Reads

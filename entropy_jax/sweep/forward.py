@@ -28,15 +28,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from entropy_jax.probes.attention import (
-    NORM_METHODS,
     attention_entropy,
     attention_entropy_lower_bound,
-    bilinear_form_norm,
     causal_mask,
     predictive_entropy,
-    spectral_norm,
-    spectral_norm_upper_bound,
 )
+from entropy_jax.probes.matrix_norms import NORM_METHODS, bilinear_form_norm, spectral_norm, spectral_norm_upper_bound
 from entropy_jax.sharding import data_sharding
 
 # Per layer and head, means over query rows (nats): measured entropy, entropy / ln T_i, and the
