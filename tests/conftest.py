@@ -93,11 +93,20 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, data_dir):
     """One trained run of the test preset (8 checkpoints), shared read-only by the tests."""
+    import jax
+
     from entropy_jax import train
 
     workdir = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = make_test_config(data_dir)
-    result = train.train(cfg, workdir)
+    # Always the default compiler: the run is compared bit for bit with runs other tests make
+    # (in subprocesses, or after a ``fast_compiles`` module), whichever module first asks for it.
+    fast = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        result = train.train(cfg, workdir)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", fast)
     return cfg, workdir, result
 
 
