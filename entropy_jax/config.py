@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import jax
 
@@ -55,6 +55,17 @@ def _from_dict(cls: type[C], section: Any, prefix: str) -> C:
     return cls(**values)
 
 
+class _Section:
+    """A config section: ``from_dict`` builds it from a ConfigDict or dict, naming ``PREFIX.key``
+    in every refusal (unknown keys with did-you-mean, wrong types, values out of range)."""
+
+    PREFIX: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, section: Any) -> Self:
+        return _from_dict(cls, section, cls.PREFIX)
+
+
 def _raise(problems: list[str]) -> None:
     if problems:
         raise UserError("; ".join(problems))
@@ -69,9 +80,11 @@ _SYNTHETIC = SyntheticParams()  # the data layer's defaults: what a key missing 
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """``config.data``: which corpus (see :func:`entropy_jax.data.load_corpus`). Defaults are the
     data layer's own, i.e. what a key missing from an older saved config meant."""
+
+    PREFIX: ClassVar[str] = "data"
 
     name: str = _SYNTHETIC.kind
     vocab_size: int = _SYNTHETIC.vocab_size
@@ -124,14 +137,12 @@ class DataConfig:
         tasks (which share their pretraining vocabulary), 256 for the byte-level text corpora."""
         return self.vocab_size if self.synthetic or self.name == "tasks" else 256
 
-    @classmethod
-    def from_dict(cls, section: Any) -> DataConfig:
-        return _from_dict(cls, section, "data")
-
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """``config.train``: optimiser, schedule, batch and logging (see entropy_jax.train)."""
+
+    PREFIX: ClassVar[str] = "train"
 
     steps: int = 3_000
     batch_size: int = 32
@@ -173,14 +184,12 @@ class TrainConfig:
     def __hash__(self) -> int:
         return hash(tuple(sorted(self.loss.items())) + (self.steps, self.batch_size, self.seq_len, self.lr))
 
-    @classmethod
-    def from_dict(cls, section: Any) -> TrainConfig:
-        return _from_dict(cls, section, "train")
-
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(_Section):
     """``config.checkpoint``: the log-spaced save schedule (entropy_jax.checkpoint.is_save_step)."""
+
+    PREFIX: ClassVar[str] = "checkpoint"
 
     dense_until: int = 512
     every: int = 1_000
@@ -193,14 +202,12 @@ class CheckpointConfig:
         _at_least(problems, "checkpoint.max_to_keep", self.max_to_keep, 0, "0 keeps all")
         _raise(problems)
 
-    @classmethod
-    def from_dict(cls, section: Any) -> CheckpointConfig:
-        return _from_dict(cls, section, "checkpoint")
-
 
 @dataclasses.dataclass(frozen=True)
-class ProbeSetConfig:
+class ProbeSetConfig(_Section):
     """``config.probe_set``: how many fixed validation sequences the probes see, and the forward batch."""
+
+    PREFIX: ClassVar[str] = "probe_set"
 
     num_sequences: int = 1_024
     batch_size: int = 256
@@ -211,14 +218,12 @@ class ProbeSetConfig:
         _at_least(problems, "probe_set.batch_size", self.batch_size, 1)
         _raise(problems)
 
-    @classmethod
-    def from_dict(cls, section: Any) -> ProbeSetConfig:
-        return _from_dict(cls, section, "probe_set")
-
 
 @dataclasses.dataclass(frozen=True)
-class InitFromConfig:
+class InitFromConfig(_Section):
     """``config.init_from``: the parent checkpoint a fine-tuning stage starts from ("" = scratch)."""
+
+    PREFIX: ClassVar[str] = "init_from"
 
     workdir: str = ""
     step: int = -1  # -1 = the parent's latest checkpoint
@@ -226,10 +231,6 @@ class InitFromConfig:
     def __post_init__(self):
         if self.step < -1:
             raise UserError(f"init_from.step={self.step!r} must be a checkpoint step, or -1 for the latest")
-
-    @classmethod
-    def from_dict(cls, section: Any) -> InitFromConfig:
-        return _from_dict(cls, section, "init_from")
 
 
 MODEL_MINIMA = {"d_model": 1, "num_layers": 1, "num_heads": 1, "d_ff": 0}

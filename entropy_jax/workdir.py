@@ -11,6 +11,8 @@
   probes/spectra/step_<step:08d>.npz
   probes/phases.csv           phase boundaries
   probes/stages.csv           per-stage summary of a lineage (in its last stage's workdir)
+  probes/tokenizer.json       imported models: the tokenizer of the text probe set
+  probes/weights_from_files.csv  imported models: weight statistics read from the files
   plots/*.png
 ```
 
@@ -120,6 +122,16 @@ class Workdir:
     def stages(self) -> Path:
         """The lineage's stage summary (written in the last stage's workdir)."""
         return self.probes / "stages.csv"
+
+    @property
+    def tokenizer(self) -> Path:
+        """An imported model's ``tokenizer.json``, kept for its text probe set."""
+        return self.probes / "tokenizer.json"
+
+    @property
+    def weights_from_files(self) -> Path:
+        """Weight statistics of imported revisions read straight from their files."""
+        return self.probes / "weights_from_files.csv"
 
     @property
     def plots(self) -> Path:

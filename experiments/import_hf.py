@@ -33,7 +33,7 @@ import jax
 import pandas as pd
 from absl import app, flags
 
-from entropy_jax.checkpoint import Checkpoints
+from entropy_jax.checkpoint import Checkpoints, content_hash
 from entropy_jax.cli import start, user_errors
 from entropy_jax.models import hf
 from entropy_jax.models.hf.revisions import PYTHIA_TOKENS_PER_STEP, Revision, download, hub_revisions
@@ -86,7 +86,7 @@ class Importer:
             raise hf.HFImportError(f"{rev.folder} is another model than the workdir's checkpoints "
                                    f"({self.wd.root}); import each model into its own workdir")
         self.model_config = mcfg
-        sha = hf.params_sha256(ckpt.params)
+        sha = content_hash(ckpt.params)
         duplicate_of = self.known.get(sha)
         if duplicate_of is not None:
             logging.warning("revision %s (step %d) has exactly the parameters of step %d (sha256 %s): the "
@@ -111,7 +111,7 @@ def probe_source_for(workdir: Path, tokenizer: Path, text_dir: str = "", tfds_na
     for a probe set that cannot be built; the workdir keeps its own copy of the tokenizer."""
     if not tokenizer.exists():
         raise hf.HFImportError(f"{tokenizer.parent} has no tokenizer.json; the probe set needs the model's tokenizer")
-    kept = Workdir(workdir).probes / "tokenizer.json"
+    kept = Workdir(workdir).tokenizer
     source = hf.probe_source(kept, seq_len, num_sequences, batch_size, text_dir, tfds_name, tfds_split)
     if text_dir or tfds_name:
         hf.probe_tokens({**source, "tokenizer": str(tokenizer)})
@@ -172,7 +172,7 @@ def weights_from_files(folders: list[str], workdir: str | Path, step: int | None
         for path, stats in weight_spectra(hf.weight_matrices(rev.folder)).items():
             rows += [{"step": rev.step, "revision": rev.name, "matrix": path, "metric": k, "value": stats[k]}
                      for k in ("spectral_norm", "frobenius_norm", "stable_rank", "condition_number")]
-    out = Workdir(workdir).probes / "weights_from_files.csv"
+    out = Workdir(workdir).weights_from_files
     out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out, index=False)
     return out

@@ -13,7 +13,7 @@ from conftest import REPO
 from fixtures.numpy_reference import gpt2 as numpy_gpt2
 from safetensors.numpy import save_file
 
-from entropy_jax.checkpoint import Checkpoints
+from entropy_jax.checkpoint import Checkpoints, content_hash
 from entropy_jax.models import hf
 from experiments import import_hf
 
@@ -110,7 +110,7 @@ def test_imports_into_a_workdir_and_refuses_by_the_familys_names(weights, tmp_pa
     with Checkpoints(workdir, read_only=True) as ckpts:
         meta = ckpts.read_meta(0)
     assert meta["source"]["model_type"] == "dummy_gpt" and meta["model_config"]["vocab_padding"] == 6
-    assert meta["params_sha256"] == hf.params_sha256(hf.read_hf_checkpoint(root / "step0", hash_files=False).params)
+    assert meta["params_sha256"] == content_hash(hf.read_hf_checkpoint(root / "step0", hash_files=False).params)
     broken = _as_dummy(weights)
     del broken["layers.1.ffn.fc1.bias"]
     with pytest.raises(hf.HFImportError, match=r"missing layers\.1\.ffn\.fc1\.bias \(48,\)"):

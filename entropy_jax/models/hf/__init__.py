@@ -24,7 +24,7 @@ from entropy_jax.models.hf.load import (
     read_hf_checkpoint,
 )
 from entropy_jax.models.hf.probe_text import probe_tokens
-from entropy_jax.models.hf.record import params_sha256, probe_source, revision_meta, weight_matrices
+from entropy_jax.models.hf.record import probe_source, revision_meta, weight_matrices
 from entropy_jax.models.hf.revisions import Revision, find_revisions, revision_step
 from entropy_jax.models.hf.safetensors_io import HFImportError, read_tensors, weight_files
 
@@ -34,7 +34,6 @@ __all__ = [
     "Revision",
     "check_hf_folder",
     "find_revisions",
-    "params_sha256",
     "probe_source",
     "probe_tokens",
     "revision_meta",

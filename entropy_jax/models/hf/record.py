@@ -6,19 +6,15 @@ stage ``pretrain``, the step parsed from the revision name, tokens seen = step x
 the model config, the probe source (tokenised text, :mod:`entropy_jax.models.hf.probe_text`) and
 the probe entries, plus ``source``: repo, revision, commit, model type, tokenizer size and the
 sha256 of every weight file. ``params_sha256`` is the sha256 of the parameter bytes in tree order
-(the results table's ``ckpt_hash`` is its first 16 hex digits); two revisions with the same one
-hold identical weights (published branches have served duplicates), recorded as ``duplicate_of``.
+(:func:`entropy_jax.checkpoint.content_hash`; the results table's ``ckpt_hash`` is its first 16 hex
+digits); two revisions with the same one hold identical weights (published branches have served
+duplicates), recorded as ``duplicate_of``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
-from typing import Any
-
-import jax
-import numpy as np
 
 from entropy_jax.models.hf.configs import model_config, read_config, tokenizer_size
 from entropy_jax.models.hf.convert import convert
@@ -35,14 +31,6 @@ DEFAULT_PROBES = {
     "weights": {"type": "weights"},
     "output": {"type": "output"},
 }
-
-
-def params_sha256(params: Any) -> str:
-    """sha256 (hex) of the parameter leaves' bytes in tree order."""
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(params)):
-        h.update(np.ascontiguousarray(leaf).tobytes())
-    return h.hexdigest()
 
 
 def probe_source(tokenizer: str | Path, seq_len: int, num_sequences: int, batch_size: int, text_dir: str = "",
