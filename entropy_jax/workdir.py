@@ -6,6 +6,7 @@
   .lock, .lock.holder         while a writer runs: its lock (flock target) and who it is (pid, host, start time)
   checkpoints/<step>/...      Orbax checkpoints (entropy_jax.checkpoint)
   metrics.jsonl               one JSON object per logged training step
+  tensorboard/                the same scalars as TensorBoard events (train.tensorboard)
   probes/probe_set.npz        the fixed probe sequences and their sha256
   probes/results.parquet      the tidy results table (results.csv where pyarrow is absent)
   probes/spectra/step_<step:08d>.npz
@@ -87,6 +88,11 @@ class Workdir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (``train.tensorboard``)."""
+        return self.root / "tensorboard"
 
     @property
     def probes(self) -> Path:

@@ -259,7 +259,8 @@ def _train(start: Start, on_probe_step: ProbeHook | None, stop: _StopSignals) ->
             meta = run.save(state, lineage)
             if on_probe_step is not None and cfg.train.probe_every:
                 on_probe_step(0, state, meta)
-        writer = MetricWriter(wd.metrics, resume_step=latest or 0, tensorboard=cfg.train.tensorboard)
+        writer = MetricWriter(wd.metrics, resume_step=latest or 0,
+                              tensorboard=wd.tensorboard if cfg.train.tensorboard else None)
         try:
             last = _loop(run, state, lineage, writer, latest or 0, on_probe_step, stop)
         finally:

@@ -21,7 +21,8 @@ def _clean(value: Any) -> Any:
 
 
 class MetricWriter:
-    def __init__(self, path: str | Path, resume_step: int | None = None, tensorboard: bool = False):
+    def __init__(self, path: str | Path, resume_step: int | None = None, tensorboard: Path | None = None):
+        """``tensorboard``: a folder to also write TensorBoard scalars to (needs tensorboardX), or None."""
         self.path = Path(path)
         self.enabled = is_writer()
         self._tb = None
@@ -30,12 +31,12 @@ class MetricWriter:
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
         self._file = self.path.open("a", buffering=1)
-        if tensorboard:
+        if tensorboard is not None:
             try:
                 from tensorboardX import SummaryWriter  # optional sink
             except ImportError as e:
                 raise ValueError("train.tensorboard=True needs tensorboardX: pip install tensorboardX") from e
-            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+            self._tb = SummaryWriter(str(tensorboard))
 
     def _truncate_after(self, step: int) -> None:
         rows = read_metrics(self.path)
