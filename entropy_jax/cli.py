@@ -30,7 +30,7 @@ from entropy_jax import sweep, train, validate
 from entropy_jax.checkpoint import CheckpointReadError, ConfigMismatchError, saved_steps
 from entropy_jax.errors import UserError, did_you_mean
 from entropy_jax.sharding import initialize_distributed
-from entropy_jax.train.loop import TrainingInterrupted
+from entropy_jax.train.interrupt import TrainingInterrupted
 from entropy_jax.train.metric_writer import read_metrics
 from entropy_jax.workdir import Workdir, check_writable
 

@@ -47,6 +47,11 @@ def run_stage(stage, data_dir, parent, workdir, **overrides):
     return cfg, train.train(cfg, workdir)
 
 
+def training_rows(workdir):
+    """metrics.jsonl rows of training steps (a stage's step-0 row holds only its held-out evaluation)."""
+    return [r for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+
+
 def read_meta(workdir, step):
     ckpts = Checkpoints(workdir, read_only=True)
     try:
@@ -77,7 +82,7 @@ def chain(tiny_run, tmp_path_factory, data_dir):
 def test_sft_lowers_the_answer_loss_with_lineage(chain, tiny_run):
     workdirs, configs = chain
     pre_cfg, pre = tiny_run[0], workdirs["pretrain"]
-    rows = read_metrics(workdirs["sft"] / "metrics.jsonl")
+    rows = training_rows(workdirs["sft"])
     losses = [r["loss"] for r in rows]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
     assert {r["loss_tokens"] for r in rows} == {configs["sft"].train.batch_size}  # one answer token per example
@@ -96,7 +101,7 @@ def test_sft_lowers_the_answer_loss_with_lineage(chain, tiny_run):
 
 def test_dpo_starts_at_ln2_and_its_margin_and_accuracy_rise(chain):
     workdirs, configs = chain
-    rows = read_metrics(workdirs["dpo"] / "metrics.jsonl")
+    rows = training_rows(workdirs["dpo"])
     assert rows[0]["step"] == 1 and abs(rows[0]["loss"] - np.log(2)) < 1e-6  # policy = reference at step 0
     assert rows[0]["reward_margin"] == 0.0
     early, late = rows[:5], rows[-5:]
@@ -112,7 +117,7 @@ def test_dpo_starts_at_ln2_and_its_margin_and_accuracy_rise(chain):
 
 def test_rlvr_reward_rises_on_a_task_the_model_partly_solves(chain):
     workdirs, configs = chain
-    rows = read_metrics(workdirs["rlvr"] / "metrics.jsonl")
+    rows = training_rows(workdirs["rlvr"])
     rewards = [r["reward_mean"] for r in rows]
     assert 0.05 < np.mean(rewards[:5]) < 0.5  # partly solved after SFT and DPO
     assert np.mean(rewards[-10:]) > np.mean(rewards[:5]) + 0.05, rewards
@@ -192,3 +197,110 @@ def test_sweep_over_the_linked_workdirs_gives_one_table_in_stage_order(chain, tm
     np.savez(Workdir(other).probe_set, tokens=np.zeros((1, 1)), sha256="0" * 64)
     with pytest.raises(UserError, match="different probe sets"):
         lineage_results([workdirs["pretrain"], other])
+
+
+def _restored_model(cfg, workdir, step):
+    """The model of checkpoint ``step`` of ``workdir`` (parameters and model state), on the host devices."""
+    from flax import nnx
+
+    from entropy_jax.models import abstract_model, model_config
+    from entropy_jax.sharding import make_mesh
+
+    graphdef, params, state = abstract_model(model_config(cfg.model, cfg.data.vocab_size, cfg.train.seq_len),
+                                             make_mesh())
+    with Checkpoints(workdir, read_only=True) as ckpts:
+        r = ckpts.restore(step, arrays={"params": params, "model_state": state})
+    return nnx.merge(graphdef, r["params"], r["model_state"])
+
+
+def _held_out(cfg):
+    """The stage's held-out examples, read straight from its task data (not through the evaluation)."""
+    from entropy_jax.data import load_corpus
+
+    val = load_corpus(cfg.data, cfg.train.seq_len).validation
+    records = [val[i] for i in range(min(256, len(val)))]
+    return {k: np.stack([np.asarray(r[k], np.int32) for r in records]) for k in ("prompt", "answer", "rejected")}
+
+
+def _eval_rows(workdir):
+    rows = {r["step"]: r for r in read_metrics(workdir / "metrics.jsonl")}
+    steps = Checkpoints(workdir, read_only=True).all_steps()
+    assert steps[0] == 0 and all(s in rows for s in steps), (steps, sorted(rows))
+    return steps, rows
+
+
+def _log_softmax64(logits):
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def test_every_checkpoint_row_has_the_held_out_greedy_accuracy(chain):
+    """eval_accuracy at each checkpoint = the checker's verdict on full-recomputation greedy answers."""
+    from entropy_jax.data.tasks import check
+    from entropy_jax.train.sampling import sample_recompute
+
+    workdirs, configs = chain
+    for stage in ("sft", "dpo", "rlvr"):
+        cfg = configs[stage]
+        ex = _held_out(cfg)
+        steps, rows = _eval_rows(workdirs[stage])
+        for step in steps:
+            model = _restored_model(cfg, workdirs[stage], step)
+            greedy = np.asarray(sample_recompute(model, ex["prompt"], ex["answer"].shape[1], jax.random.key(0), 0.0))
+            expected = check(ex["prompt"], greedy, cfg.data.vocab_size).mean()
+            assert rows[step]["eval_accuracy"] == pytest.approx(expected, abs=1e-7), (stage, step)
+        assert "eval_accuracy_ood" not in rows[0]  # the add task has no out-of-distribution split
+    first = read_metrics(workdirs["sft"] / "metrics.jsonl")[0]
+    assert first["step"] == 0 and set(first) == {"step", "eval_accuracy"}  # the stage's starting checkpoint
+
+
+def test_dpo_rows_have_the_held_out_reward_accuracy(chain):
+    """eval_reward_accuracy = share of held-out pairs whose implicit-reward margin against the
+    reference (SFT's last checkpoint) is positive, recomputed in float64 from the logits."""
+    from entropy_jax.data.tasks import sequences
+
+    workdirs, configs = chain
+    cfg = configs["dpo"]
+    ex = _held_out(cfg)
+    pairs = [sequences(ex["prompt"], ex[k], cfg.train.seq_len, cfg.data.vocab_size) for k in ("answer", "rejected")]
+    reference = _restored_model(configs["sft"], workdirs["sft"], configs["sft"].train.steps)
+
+    def logp(model, rows):
+        lp = _log_softmax64(model(rows["inputs"]))
+        return (np.take_along_axis(lp, rows["targets"][..., None], -1)[..., 0] * rows["weights"]).sum(-1)
+
+    ref = [logp(reference, rows) for rows in pairs]
+    steps, rows = _eval_rows(workdirs["dpo"])
+    for step in steps:
+        model = _restored_model(cfg, workdirs["dpo"], step)
+        margin = (logp(model, pairs[0]) - ref[0]) - (logp(model, pairs[1]) - ref[1])
+        near_zero = np.mean(np.abs(margin) < 1e-4)  # signs float32 arithmetic may decide either way
+        assert abs(rows[step]["eval_reward_accuracy"] - np.mean(margin > 0)) <= near_zero + 1e-7, step
+    assert rows[0]["eval_reward_accuracy"] == 0.0  # policy = reference: every margin is 0
+    assert rows[steps[-1]]["eval_reward_accuracy"] > 0.5
+
+
+def test_rlvr_rows_have_pass_at_k_and_the_sample_entropy(chain):
+    """pass_at_k and sample_entropy at each checkpoint, recomputed from k = group_size answers drawn
+    by full recomputation with the documented key, the checker, and float64 softmax entropies."""
+    from entropy_jax.data.tasks import check
+    from entropy_jax.train.sampling import sample_recompute
+
+    workdirs, configs = chain
+    cfg = configs["rlvr"]
+    k, t = cfg.train.loss.group_size, cfg.train.loss.temperature
+    ex = _held_out(cfg)
+    n, a = ex["answer"].shape
+    prompts = np.repeat(ex["prompt"], k, axis=0)
+    steps, rows = _eval_rows(workdirs["rlvr"])
+    for step in steps:
+        model = _restored_model(cfg, workdirs["rlvr"], step)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        drawn = np.asarray(sample_recompute(model, prompts, a, key, t))
+        passed = check(prompts, drawn, cfg.data.vocab_size).reshape(n, k).any(axis=1).mean()
+        lp = _log_softmax64(np.asarray(model(np.concatenate([prompts, drawn], 1)))[:, -a - 1:-1] / t)
+        entropy = -(np.exp(lp) * lp).sum(-1).mean()
+        assert rows[step]["pass_at_k"] == pytest.approx(passed, abs=1e-7), step
+        assert rows[step]["sample_entropy"] == pytest.approx(entropy, rel=1e-5), step
+        assert rows[step]["pass_at_k"] >= rows[step]["eval_accuracy"] - 0.25  # k draws rarely all miss greedy's hits

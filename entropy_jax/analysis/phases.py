@@ -241,12 +241,13 @@ def infer_warmup_steps(train_metrics: pd.DataFrame | None, stage: str | None = N
 
     With ``stage`` and a ``stage`` column in the log, only that stage's rows count.
     """
-    if train_metrics is None or "lr" not in train_metrics.columns or train_metrics.empty:
+    if train_metrics is None or "lr" not in train_metrics.columns:
         return 0
+    train_metrics = train_metrics.dropna(subset=["lr"])  # a stage's step-0 row holds only its evaluation
     if stage is not None and "stage" in train_metrics.columns:
         train_metrics = train_metrics[train_metrics["stage"].astype(str) == stage]
-        if train_metrics.empty:
-            return 0
+    if train_metrics.empty:
+        return 0
     lr = train_metrics["lr"].to_numpy(dtype=np.float64)
     peak = int(np.argmax(lr))
     return int(train_metrics["step"].iloc[peak]) if lr[peak] > lr[0] else 0

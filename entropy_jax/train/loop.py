@@ -23,9 +23,7 @@ import dataclasses
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +37,13 @@ from entropy_jax.checkpoint import Checkpoints, corpus_fingerprint, is_save_step
 from entropy_jax.errors import UserError
 from entropy_jax.models import abstract_like, abstract_model, init_model
 from entropy_jax.sharding import is_writer, make_mesh, replicated, shard_batch
+from entropy_jax.train.interrupt import StopSignals, TrainingInterrupted
 from entropy_jax.train.metric_writer import MetricWriter, read_metrics
 from entropy_jax.train.objective import make_loss
 from entropy_jax.train.optim import make_optimizer, make_schedule
 from entropy_jax.train.start import Parent, Start, plan_start
 from entropy_jax.train.step import TrainState, init_state, make_flat_train_step
+from entropy_jax.train.task_eval import task_evaluation
 
 # Called in the training process at its probe steps (train.probe_every): (step, state, metadata).
 ProbeHook = Callable[[int, TrainState, dict], None]
@@ -57,48 +57,6 @@ class TrainResult:
     entropy_rate: float | None
     checkpoint_steps: list[int]
     resumed_from: int | None
-
-
-class TrainingInterrupted(BaseException):
-    """Training stopped on SIGINT or SIGTERM between steps; rerunning the command resumes exactly.
-
-    A BaseException, like KeyboardInterrupt, so no ``except Exception`` swallows it.
-    ``exit_code`` is the shell's convention, 128 + the signal number (130, 143).
-    """
-
-    def __init__(self, signum: int, step: int, saved: int | None, directory: Path):
-        self.signum, self.step, self.exit_code = signum, step, 128 + signum
-        where = f"the latest checkpoint is step {saved}" if saved is not None else "no checkpoint was saved"
-        super().__init__(f"training stopped by {signal.Signals(signum).name} after step {step}; {where} in "
-                         f"{directory}: rerun the same command to resume exactly")
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM set ``signum``, checked between steps; a second signal exits at once.
-
-    Handlers only set a flag, so a signal never lands inside an Orbax save (which can then hang
-    on its barrier). Outside the main thread nothing is installed.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self) -> _StopSignals:
-        self.signum: int | None = None
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            os.write(2, b"second signal: exiting now (the last complete checkpoint is kept)\n")
-            os._exit(128 + signum)
-        self.signum = signum
-        os.write(2, f"{signal.Signals(signum).name}: stopping after this step (again to exit now)\n".encode())
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +109,8 @@ class _Run:
         self.iterator = data.make_train_iterator(self.corpus, cfg.train.batch_size, cfg.seed)
         self.ckpts = Checkpoints(self.workdir, cfg.checkpoint.max_to_keep)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        # A fine-tuning stage's held-out task metrics, written with every checkpoint's row.
+        self.evaluate = task_evaluation(self.graphdef, self.corpus, cfg.train.loss, cfg.seed)
 
     def meta(self, step: int, lineage: Lineage) -> dict:
         return {
@@ -238,11 +198,11 @@ def run(start: Start, on_probe_step: ProbeHook | None = None) -> TrainResult:
       WorkdirBusyError: another process holds the workdir's lock.
       TrainingInterrupted: SIGINT or SIGTERM arrived; the run stopped cleanly between steps.
     """
-    with start.workdir.lock("training", enabled=is_writer()), _StopSignals() as stop:
+    with start.workdir.lock("training", enabled=is_writer()), StopSignals() as stop:
         return _train(start, on_probe_step, stop)
 
 
-def _train(start: Start, on_probe_step: ProbeHook | None, stop: _StopSignals) -> TrainResult:
+def _train(start: Start, on_probe_step: ProbeHook | None, stop: StopSignals) -> TrainResult:
     run, cfg, wd = _Run(start), start.config, start.workdir
     try:
         latest = run.ckpts.latest_step()
@@ -261,6 +221,8 @@ def _train(start: Start, on_probe_step: ProbeHook | None, stop: _StopSignals) ->
                 on_probe_step(0, state, meta)
         writer = MetricWriter(wd.metrics, resume_step=latest or 0,
                               tensorboard=wd.tensorboard if cfg.train.tensorboard else None)
+        if latest is None and run.evaluate is not None:  # the stage's starting point
+            writer.write(0, run.evaluate(state.params, state.model_state, 0))
         try:
             last = _loop(run, state, lineage, writer, latest or 0, on_probe_step, stop)
         finally:
@@ -282,7 +244,7 @@ def _probe_step(step: int, saved: bool, probe_every: int) -> bool:
 
 
 def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, start: int,
-          on_probe_step: ProbeHook | None, stop: _StopSignals) -> dict[str, Any]:
+          on_probe_step: ProbeHook | None, stop: StopSignals) -> dict[str, Any]:
     """Steps ``start+1 .. train.steps``, or until a stop signal. Step t is dispatched before step
     t-1's metrics are pulled. Returns the last step done, its loss and the last saved step.
 
@@ -300,7 +262,7 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
     window = collections.deque([(start, time.perf_counter())], maxlen=21)  # rate over the last 20 steps
     entropy_rate = run.corpus.entropy_rate
 
-    def pull(step: int, metrics: dict) -> None:
+    def pull(step: int, metrics: dict, evaluated: dict | None = None) -> None:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
             raise FloatingPointError(
@@ -310,11 +272,12 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
             )
         gap = None if entropy_rate is None else m["loss"] - entropy_rate
         window.append((step, time.perf_counter()))
-        if step % cfg.train.log_every == 0 or step == total:
+        if step % cfg.train.log_every == 0 or step == total or evaluated:
             rate = (step - window[0][0]) / max(window[-1][1] - window[0][1], 1e-9)
             writer.write(step, {**m, "loss_minus_entropy_rate": gap,
                                 "tokens_seen": lineage.tokens_at_start + step * run.tokens_per_step,
-                                "steps_per_sec": rate, "tokens_per_sec": rate * run.tokens_per_step})
+                                "steps_per_sec": rate, "tokens_per_sec": rate * run.tokens_per_step,
+                                **(evaluated or {})})
         progress.update(step, m["loss"], gap)
         last["loss"] = m["loss"]
 
@@ -330,9 +293,12 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
             pending = (step, metrics)
             save = is_save_step(step, total, ck.dense_until, ck.every)
             if save:
-                pull(*pending)  # never save a state whose step diverged
+                saved_state = jax.tree.unflatten(treedef, leaves)
+                evaluated = None if run.evaluate is None else run.evaluate(
+                    saved_state.params, saved_state.model_state, step)
+                pull(*pending, evaluated)  # never save a state whose step diverged
                 pending = None
-                meta = run.save(jax.tree.unflatten(treedef, leaves), lineage)
+                meta = run.save(saved_state, lineage)
                 last["saved"] = step
             if on_probe_step is not None and _probe_step(step, save, cfg.train.probe_every):
                 on_probe_step(step, jax.tree.unflatten(treedef, leaves), meta if save else run.meta(step, lineage))
