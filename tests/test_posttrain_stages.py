@@ -191,6 +191,16 @@ def test_sweep_over_the_linked_workdirs_gives_one_table_in_stage_order(chain, tm
         np.testing.assert_array_equal(rows["alpha_start"][1:], rows["alpha_end"][:-1])
         np.testing.assert_array_equal(rows["start_tokens"][1:], rows["end_tokens"][:-1])
     assert all(p.exists() for p in report.plots) and len(report.plots) == 2
+    # The held-out task metrics per stage: first and last checkpoint of its metrics.jsonl; each stage
+    # starts from its parent's last parameters on the same held-out prompts, so with the same numbers.
+    stages = summary.drop_duplicates("stage").set_index("stage")
+    assert stages.loc["pretrain", ["eval_accuracy_start", "eval_accuracy_end"]].isna().all()
+    for stage in order[1:]:
+        logged = [r for r in read_metrics(workdirs[stage] / "metrics.jsonl") if "eval_accuracy" in r]
+        assert stages.loc[stage, "eval_accuracy_start"] == logged[0]["eval_accuracy"]
+        assert stages.loc[stage, "eval_accuracy_end"] == logged[-1]["eval_accuracy"]
+    np.testing.assert_array_equal(stages["eval_accuracy_start"][2:], stages["eval_accuracy_end"][1:-1])
+    assert stages.loc["dpo", "eval_reward_accuracy_start"] == 0.0 and "pass_at_k_end" in stages.columns
     # A stage probed on other sequences is refused: its numbers would not be comparable.
     other = tmp_path / "other"
     shutil.copytree(workdirs["sft"], other)
@@ -252,7 +262,7 @@ def test_every_checkpoint_row_has_the_held_out_greedy_accuracy(chain):
             assert rows[step]["eval_accuracy"] == pytest.approx(expected, abs=1e-7), (stage, step)
         assert "eval_accuracy_ood" not in rows[0]  # the add task has no out-of-distribution split
     first = read_metrics(workdirs["sft"] / "metrics.jsonl")[0]
-    assert first["step"] == 0 and set(first) == {"step", "eval_accuracy"}  # the stage's starting checkpoint
+    assert first["step"] == 0 and set(first) == {"step", "eval_accuracy", "tokens_seen"}  # the starting checkpoint
 
 
 def test_dpo_rows_have_the_held_out_reward_accuracy(chain):

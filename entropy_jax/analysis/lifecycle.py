@@ -29,6 +29,7 @@ from entropy_jax.analysis.plots import save_figure
 from entropy_jax.analysis.results import default_probe, load_optional, load_results, load_train_metrics, write_csv
 from entropy_jax.checkpoint import Checkpoints, saved_steps
 from entropy_jax.errors import UserError
+from entropy_jax.train.task_eval import METRICS as EVAL_METRICS
 from entropy_jax.workdir import Workdir
 
 STAGE_COLOURS = {"pretrain": "0.85", "finetune": "tab:olive", "sft": "tab:blue", "dpo": "tab:green",
@@ -113,16 +114,41 @@ def lineage_results(workdirs: list[str | Path]) -> tuple[pd.DataFrame, str]:
     return table, next(iter(hashes.values()))
 
 
-def stage_summary(table: pd.DataFrame, *, probe: str, layers: list[int] | None = None) -> pd.DataFrame:
+def stage_evaluations(workdirs: list[str | Path]) -> list[pd.DataFrame]:
+    """Per stage (lineage order) its held-out task metrics by checkpoint (``step``, ``tokens_seen`` and
+    the :data:`~entropy_jax.train.task_eval.METRICS` it logs), from metrics.jsonl; empty for stages
+    without them (pretraining)."""
+    out = []
+    for w in workdirs:
+        log = load_optional(load_train_metrics, w, "the held-out task metrics")
+        columns = [m for m in EVAL_METRICS if log is not None and m in log.columns]
+        rows = log[["step", "tokens_seen", *columns]].dropna(subset=columns, how="all") if columns else None
+        out.append(rows if rows is not None else pd.DataFrame(columns=["step", "tokens_seen"]))
+    return out
+
+
+def _evaluation_change(evaluations: pd.DataFrame) -> dict[str, float]:
+    """``<metric>_start`` and ``<metric>_end``: each held-out metric at the stage's first and last checkpoint."""
+    out = {}
+    for metric in EVAL_METRICS:
+        if metric in evaluations.columns and evaluations[metric].notna().any():
+            values = evaluations.sort_values("step")[metric].dropna()
+            out |= {f"{metric}_start": float(values.iloc[0]), f"{metric}_end": float(values.iloc[-1])}
+    return out
+
+
+def stage_summary(table: pd.DataFrame, *, probe: str, layers: list[int] | None = None,
+                  evaluations: list[pd.DataFrame] | None = None) -> pd.DataFrame:
     """RankMe and alpha-ReQ at the first and last checkpoint of each stage (per layer), with the changes
-    (RankMe relative, ``end / start - 1``; alpha absolute)."""
+    (RankMe relative, ``end / start - 1``; alpha absolute); with ``evaluations`` (:func:`stage_evaluations`),
+    also each stage's held-out task metrics at its first and last checkpoint."""
     rankme_metric = ph.pick_rankme_metric(table)
     rows = table[(table["probe"] == probe) & (table["head"] == -1)
                  & table["metric"].isin([rankme_metric, "alpha_req"])]
     if layers is not None:
         rows = rows[rows["layer"].isin(layers)]
-    out = []
-    for (_, run, stage, layer), group in rows.groupby(["stage_index", "run", "stage", "layer"], sort=True):
+    out, extra = [], set()
+    for (index, run, stage, layer), group in rows.groupby(["stage_index", "run", "stage", "layer"], sort=True):
         wide = group.pivot_table(index=["step", "tokens_seen"], columns="metric", values="value").reset_index()
         wide = wide.sort_values("step").dropna()
         if wide.empty:
@@ -136,7 +162,11 @@ def stage_summary(table: pd.DataFrame, *, probe: str, layers: list[int] | None =
             alpha_start=first["alpha_req"], alpha_end=last["alpha_req"],
             alpha_change=last["alpha_req"] - first["alpha_req"],
         ))
-    return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
+        if evaluations is not None:
+            out[-1] |= _evaluation_change(evaluations[int(index)])
+            extra |= set(out[-1]) - set(SUMMARY_COLUMNS)
+    order = [f"{m}_{end}" for m in EVAL_METRICS for end in ("start", "end")]
+    return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS) + [c for c in order if c in extra])
 
 
 def write_stage_summary(summary: pd.DataFrame, workdir: str | Path) -> Path:
@@ -146,9 +176,16 @@ def write_stage_summary(summary: pd.DataFrame, workdir: str | Path) -> Path:
 def format_stage_summary(summary: pd.DataFrame) -> str:
     if summary.empty:
         return "no stage has both RankMe and alpha-ReQ rows"
-    return summary.drop(columns=["run", "probe"]).to_string(
+    geometry = [c for c in SUMMARY_COLUMNS if c not in ("run", "probe")]
+    text = summary[geometry].to_string(
         index=False, float_format=lambda v: f"{v:.3g}",
         formatters={"rankme_change": lambda v: f"{v:+.1%}", "alpha_change": lambda v: f"{v:+.3f}"})
+    evaluated = [c for c in summary.columns if c not in SUMMARY_COLUMNS]
+    if not evaluated:
+        return text
+    tasks = summary[["stage", *evaluated]].drop_duplicates("stage").dropna(subset=evaluated, how="all")
+    return text + "\nheld-out task metrics (first -> last checkpoint of each stage):\n" + tasks.to_string(
+        index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
 
 
 def _stage_bounds(table: pd.DataFrame) -> list[tuple[str, int, int, int]]:
@@ -199,9 +236,28 @@ def _mark_phases(ax: Axes, phase_table: pd.DataFrame | None, table: pd.DataFrame
     return list(drawn.values())
 
 
+EVAL_LABELS = {"eval_accuracy": "held-out accuracy", "eval_accuracy_ood": "held-out accuracy, OOD",
+               "eval_reward_accuracy": "held-out DPO reward accuracy", "pass_at_k": "held-out pass@k (RLVR)"}
+
+
+def _plot_evaluations(ax: Axes, evaluations: list[pd.DataFrame]) -> None:
+    """The stages' held-out task metrics (shares of prompts, 0 to 1) against cumulative tokens."""
+    for i, metric in enumerate(EVAL_LABELS):
+        label = EVAL_LABELS[metric]
+        for rows in evaluations:
+            if metric in rows.columns:
+                curve = rows[["tokens_seen", metric]].dropna()
+                ax.plot(curve["tokens_seen"], curve[metric], "s-", ms=3, color=f"C{i}", label=label)
+                label = None  # one legend entry per metric
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("share of held-out prompts")
+    ax.legend(loc="best", fontsize="small")
+
+
 def make_lifecycle_figure(table: pd.DataFrame, phase_table: pd.DataFrame | None = None, *, probe: str,
-                          layer: int) -> Figure:
-    """RankMe and alpha-ReQ of one (probe, layer) over every stage against cumulative tokens."""
+                          layer: int, evaluations: list[pd.DataFrame] | None = None) -> Figure:
+    """RankMe and alpha-ReQ of one (probe, layer) over every stage against cumulative tokens; with
+    ``evaluations`` (:func:`stage_evaluations`) holding any held-out task metric, a panel of them below."""
     rankme_metric = ph.pick_rankme_metric(table)
     rows = table[(table["probe"] == probe) & (table["layer"] == layer) & (table["head"] == -1)]
     bounds = _stage_bounds(rows)
@@ -209,8 +265,9 @@ def make_lifecycle_figure(table: pd.DataFrame, phase_table: pd.DataFrame | None 
         raise ValueError(f"no rows for probe {probe!r} at layer {layer}")
     if phase_table is not None and not phase_table.empty:
         phase_table = phase_table[(phase_table["probe"] == probe) & (phase_table["layer"] == layer)]
-    fig = Figure(figsize=(10, 6.5), layout="constrained")
-    ax_r, ax_a = fig.subplots(2, 1, sharex=True)
+    tasks = [e for e in evaluations or [] if len(e)]
+    fig = Figure(figsize=(10, 9 if tasks else 6.5), layout="constrained")
+    ax_r, ax_a, *ax_e = fig.subplots(3 if tasks else 2, 1, sharex=True)
     for ax, metric, colour, label in ((ax_r, rankme_metric, "tab:blue", f"RankMe, {rankme_metric} (effective rank)"),
                                       (ax_a, "alpha_req", "tab:red", "alpha-ReQ (power-law exponent)")):
         for _, group in rows[rows["metric"] == metric].groupby("stage_index", sort=True):  # never joined across
@@ -221,9 +278,14 @@ def make_lifecycle_figure(table: pd.DataFrame, phase_table: pd.DataFrame | None 
     handles = _shade_stages(ax_r, bounds) + _mark_phases(ax_r, phase_table, rows)
     _shade_stages(ax_a, bounds)
     _mark_phases(ax_a, phase_table, rows)
+    for ax in ax_e:
+        _plot_evaluations(ax, tasks)
+        ax.set_xscale(stage_log_scale(bounds))
+        _shade_stages(ax, bounds)
     ticks = sorted({lo for _, lo, _, _ in bounds} | {bounds[-1][2]})
-    ax_a.set_xticks(ticks, [f"{t / 1e6:.3g}M" if t >= 1e6 else f"{t:,}" for t in ticks])
-    ax_a.set_xlabel("cumulative tokens seen (stage boundaries marked; each stage on its own log scale)")
+    bottom = ax_e[-1] if ax_e else ax_a
+    bottom.set_xticks(ticks, [f"{t / 1e6:.3g}M" if t >= 1e6 else f"{t:,}" for t in ticks])
+    bottom.set_xlabel("cumulative tokens seen (stage boundaries marked; each stage on its own log scale)")
     ax_r.legend(handles=handles, loc="best", fontsize="small")
     ax_r.set_title(f"Representation geometry across stages: probe {probe}, layer {layer}")
     return fig
@@ -264,8 +326,9 @@ def analyse_lineage(workdir: str | Path, *, probe: str | None = None,
         train_metrics = load_optional(load_train_metrics, w, "warmup inference")
         phase_tables.append(ph.detect_phases(load_results(w), train_metrics=train_metrics, probe=probe))
     phase_table = pd.concat(phase_tables, ignore_index=True)
-    summary = stage_summary(table, probe=probe, layers=layers)
+    evaluations = stage_evaluations(workdirs)
+    summary = stage_summary(table, probe=probe, layers=layers, evaluations=evaluations)
     out = Workdir(workdir).plots
-    paths = [save_figure(make_lifecycle_figure(table, phase_table, probe=probe, layer=layer),
+    paths = [save_figure(make_lifecycle_figure(table, phase_table, probe=probe, layer=layer, evaluations=evaluations),
                          out / f"lifecycle_{probe}_layer{layer}.png") for layer in layers]
     return LifecycleReport(workdirs, digest, summary, write_stage_summary(summary, workdir), paths)

@@ -222,7 +222,8 @@ def _train(start: Start, on_probe_step: ProbeHook | None, stop: StopSignals) -> 
         writer = MetricWriter(wd.metrics, resume_step=latest or 0,
                               tensorboard=wd.tensorboard if cfg.train.tensorboard else None)
         if latest is None and run.evaluate is not None:  # the stage's starting point
-            writer.write(0, run.evaluate(state.params, state.model_state, 0))
+            evaluated = run.evaluate(state.params, state.model_state, 0)
+            writer.write(0, {**evaluated, "tokens_seen": lineage.tokens_at_start})
         try:
             last = _loop(run, state, lineage, writer, latest or 0, on_probe_step, stop)
         finally:

@@ -35,6 +35,7 @@ from entropy_jax.train.reference import load_reference_params
 from entropy_jax.train.sampling import sample
 
 EVAL_PROMPTS = 256
+METRICS = ("eval_accuracy", "eval_accuracy_ood", "eval_reward_accuracy", "pass_at_k", "sample_entropy")
 HELD_OUT = {"": "validation", "_ood": "validation_ood"}  # metric suffix -> corpus split attribute
 
 Examples = dict[str, np.ndarray]  # prompt [N, P], answer [N, A], rejected [N, A]
