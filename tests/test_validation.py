@@ -258,3 +258,15 @@ def test_the_model_is_checked_with_the_vocabulary_training_builds(name, expected
     if name != "text_folder":
         corpus = load_corpus(make_test_config(data_dir, **{"data.name": name, "data.vocab_size": 96}).data, 16)
         assert corpus.vocab_size == expected
+
+
+def test_entry_points_keep_compiled_programs_in_the_users_cache_folder(tmp_path):
+    """cli.start turns on JAX's persistent cache in ~/.cache/entropy_jax/jax (no setting given): a
+    program compiled by one run is there for the next."""
+    code = ("import jax, jax.numpy as jnp; from entropy_jax import cli; cli.start(['x']); "
+            "jax.jit(lambda x: jnp.linalg.qr(x @ x.T + jnp.sin(x))[0].sum())(jnp.ones((64, 64))).block_until_ready()")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_PERSISTENT", "JAX_COMPILATION_CACHE"))}
+    env |= {"HOME": str(tmp_path), "XDG_CACHE_HOME": ""}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+    cached = list((tmp_path / ".cache" / "entropy_jax" / "jax").iterdir())
+    assert cached, "no compiled program was cached"
