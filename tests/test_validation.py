@@ -264,7 +264,8 @@ def test_entry_points_keep_compiled_programs_in_the_users_cache_folder(tmp_path)
     """cli.start turns on JAX's persistent cache in ~/.cache/entropy_jax/jax (no setting given): a
     program compiled by one run is there for the next."""
     code = ("import jax, jax.numpy as jnp; from entropy_jax import cli; cli.start(['x']); "
-            "jax.jit(lambda x: jnp.linalg.qr(x @ x.T + jnp.sin(x))[0].sum())(jnp.ones((64, 64))).block_until_ready()")
+            "f = lambda x: [x := jnp.sin(x @ x.T) + i for i in range(30)][-1].sum(); "
+            "jax.jit(f)(jnp.ones((32, 32))).block_until_ready()")  # an unrolled program: compiles for > 0.1 s
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_PERSISTENT", "JAX_COMPILATION_CACHE"))}
     env |= {"HOME": str(tmp_path), "XDG_CACHE_HOME": ""}
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
