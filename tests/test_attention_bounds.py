@@ -5,12 +5,15 @@ the bound on its own; the sweep's certified bounds below the exact ones and the 
 on a trained run; the exact option equal to the per-head reference computation.
 """
 
+import contextlib
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax._src.lax import lax as lax_internal
 
 from entropy_jax import data, probes
 from entropy_jax.checkpoint import Checkpoints
@@ -100,6 +103,99 @@ def test_bilinear_form_norm_matches_numpy() -> None:
             w_k[:, -1] = 0.0  # rank-deficient W_K: zero eigenvalues under the square root
             np.testing.assert_allclose(float(norms.bilinear_form_norm(w_q, w_k)), np.linalg.norm(w_k @ w_q.T, 2),
                                        rtol=1e-10)
+
+
+def _round_mantissa(x: jax.Array, bits: int) -> jax.Array:
+    """float32 ``x`` rounded to nearest (ties to even) with ``bits`` mantissa bits, as TF32 (10) and bfloat16 (7) do."""
+    if x.dtype != jnp.float32:
+        return x
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    drop = 23 - bits
+    u = (u + jnp.uint32((1 << (drop - 1)) - 1) + ((u >> drop) & 1)) & jnp.uint32(0xFFFFFFFF ^ ((1 << drop) - 1))
+    return jax.lax.bitcast_convert_type(u, jnp.float32)
+
+
+@contextlib.contextmanager
+def _accelerator_matmuls(bits: int):
+    """Every ``dot_general`` not asking for ``Precision.HIGHEST`` rounds its float32 operands to ``bits``
+    mantissa bits, then multiplies exactly: JAX's default matmul on recent GPUs (TF32) and TPUs (bfloat16)."""
+    original = lax_internal.dot_general
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+        highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+        if lax_internal.canonicalize_precision(precision) != highest:
+            lhs, rhs = _round_mantissa(jnp.asarray(lhs), bits), _round_mantissa(jnp.asarray(rhs), bits)
+        return original(lhs, rhs, dimension_numbers, precision=jax.lax.Precision.HIGHEST,
+                        preferred_element_type=preferred_element_type, **kwargs)
+
+    jax.clear_caches()  # traces made outside would skip the emulation, and those made inside must not leak
+    lax_internal.dot_general = dot_general
+    try:
+        yield
+    finally:
+        lax_internal.dot_general = original
+        jax.clear_caches()
+
+
+def test_round_mantissa_is_round_to_nearest() -> None:
+    x = jnp.asarray(np.float32([1 + 2**-11 + 2**-13, 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-12, -(1 + 2**-10 + 2**-11)]))
+    np.testing.assert_array_equal(_round_mantissa(x, 10), np.float32([1 + 2**-10, 1, 1 + 2**-9, 1, -(1 + 2**-9)]))
+    np.testing.assert_array_equal(_round_mantissa(x, 7), np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)))
+
+
+def _layernorm_like(rng: np.random.Generator, n: int, t: int, d: int) -> np.ndarray:
+    """T x D rows normalised to mean 0, variance 1, then a gain and bias: the X of ``bound_weights``."""
+    x = rng.standard_normal((n, t, d)) * rng.uniform(0.2, 3, (n, 1, d)) + 2 * rng.standard_normal((n, 1, d))
+    x = (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)
+    return x * rng.uniform(0.5, 1.5, (n, 1, d)) + 0.1 * rng.standard_normal((n, 1, d))
+
+
+@pytest.mark.parametrize("bits", [10, 7])  # TF32, bfloat16
+def test_norms_hold_at_accelerator_matmul_precision(bits: int) -> None:
+    rng = np.random.default_rng(11)
+    lower = np.tril(np.ones((48, 48), bool))
+    fams = {
+        "layernorm_64x32": _layernorm_like(rng, 40, 64, 32),
+        "offset_64x24": rng.standard_normal((40, 64, 24)) + 1.0,
+        "causal_48": np.where(lower, rng.standard_normal((40, 48, 48)) + 3.0, 0.0),
+        "low_rank_48": np.einsum("nik,nkj->nij", rng.standard_normal((40, 48, 3)), rng.standard_normal((40, 3, 48)))
+        + 1e-3 * rng.standard_normal((40, 48, 48)),
+    }
+    below, worst, exact_error = {}, {}, {}
+    with _accelerator_matmuls(bits):
+        for name, mats in fams.items():
+            mats = mats.astype(np.float32)
+            exact = _exact(mats)
+            ratio = np.asarray(jax.jit(jax.vmap(norms.spectral_norm_upper_bound))(mats), np.float64) / exact
+            below[name], worst[name] = int((ratio < 1).sum()), ratio.min()
+            exact_error[name] = np.abs(np.asarray(jax.jit(jax.vmap(norms.spectral_norm))(mats)) / exact - 1).max()
+        w_q, w_k = rng.standard_normal((2, 64, 16)).astype(np.float32)
+        bilinear = float(norms.bilinear_form_norm(w_q, w_k))
+    assert not any(below.values()), (below, worst)
+    assert max(exact_error.values()) < 2e-6, exact_error
+    np.testing.assert_allclose(bilinear, np.linalg.norm(w_k.astype(np.float64) @ w_q.T.astype(np.float64), 2),
+                               rtol=2e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-41, 1e-39, 1e-37])
+def test_certified_norm_covers_subnormals_flushed_to_zero(scale: float) -> None:
+    rng = np.random.default_rng(12)
+    mats = (rng.standard_normal((3, 48, 40)) * scale).astype(np.float32)
+    assert (np.abs(mats) < np.finfo(np.float32).tiny).any()  # subnormal entries, which XLA flushes
+    exact = _exact(mats)
+    bound = np.asarray(jax.jit(jax.vmap(norms.spectral_norm_upper_bound))(mats), np.float64)
+    assert (bound >= exact).all(), bound / exact
+    assert float(norms.spectral_norm_upper_bound(np.zeros((48, 40), np.float32))) == 0.0
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e-19, 1e-30])
+def test_exact_norms_neither_overflow_nor_underflow(scale: float) -> None:
+    rng = np.random.default_rng(13)
+    a = (rng.standard_normal((3, 40, 24)) * scale).astype(np.float32)
+    np.testing.assert_allclose(jax.vmap(norms.spectral_norm)(a), _exact(a), rtol=2e-6)
+    w_q, w_k = (rng.standard_normal((2, 40, 8)) * np.clip(scale, 1e-15, 1e15)).astype(np.float32)  # the norm fits
+    np.testing.assert_allclose(norms.bilinear_form_norm(w_q, w_k),
+                               np.linalg.norm(w_k.astype(np.float64) @ w_q.T.astype(np.float64), 2), rtol=2e-6)
 
 
 def test_library_certified_bounds_sit_between_zero_and_the_exact_ones() -> None:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from entropy_jax.data.tasks import TaskParams, generate, sequences
+from entropy_jax.data.tasks import TaskParams, check, generate, sequences
 from entropy_jax.models import build_model, model_config
-from entropy_jax.train.grpo import group_advantages, grpo_objective
+from entropy_jax.train.grpo import answer_logprobs, group_advantages, grpo_objective
 from entropy_jax.train.losses import dpo, dpo_objective, sequence_logprob, weighted_cross_entropy
 from entropy_jax.train.objective import make_loss
 from entropy_jax.train.sampling import sample, sample_recompute
@@ -75,9 +75,56 @@ def test_dpo_without_a_reference_is_refused_in_one_line():
 
 def test_group_advantage_of_equal_rewards_is_zero_and_normalised_otherwise():
     rewards = jnp.array([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0]])
-    adv = np.asarray(group_advantages(rewards, eps=1e-6))
+    adv = np.asarray(group_advantages(rewards, eps=1e-6, ddof=0))
     assert (adv[:2] == 0).all()
     np.testing.assert_allclose(adv[2], np.array([0.5, -0.5, -0.5, 0.5]) / (0.5 + 1e-6), rtol=1e-6)
+
+
+def test_group_advantages_use_the_sample_std_by_default():
+    rewards = np.array([[1, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1]], np.float64)  # G = 8
+    mean, std = rewards.mean(1, keepdims=True), rewards.std(1, ddof=1, keepdims=True)  # torch.std: ddof 1
+    np.testing.assert_allclose(group_advantages(jnp.asarray(rewards, jnp.float32)), (rewards - mean) / (std + 1e-6),
+                               rtol=1e-6)
+
+
+def test_answer_logprobs_are_those_of_the_tempered_softmax():
+    rng = np.random.default_rng(4)
+    logits, seq = rng.normal(size=(3, 6, V)) * 3, rng.integers(0, V, (3, 6))
+    for temperature in (0.7, 1.0, 1.5):
+        expected = np.take_along_axis(_log_softmax64(logits / temperature)[:, 2:5], seq[:, 3:, None], -1)[..., 0]
+        np.testing.assert_allclose(answer_logprobs(jnp.asarray(logits, jnp.float32), jnp.asarray(seq), 3, temperature),
+                                   expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_grpo_gradient_is_reinforce_under_the_sampling_temperature(temperature):
+    # One-token copy over 16 tokens: an untrained policy is right often enough for mixed groups.
+    d = generate(TaskParams(kind="copy", size=1, vocab_size=16), "rl", 16)
+    batch = {"prompts": jnp.asarray(d["prompt"][:8]), "answers": jnp.asarray(d["answer"][:8]),
+             "eval_prompts": jnp.asarray(d["prompt"][8:])}
+    model = build_model(model_config(dict(d_model=16, num_layers=1, num_heads=2), 16, 8), 0)
+    group, rng = 8, jax.random.PRNGKey(7)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss_fn = make_loss({"name": "grpo", "group_size": group, "temperature": temperature})
+    grad = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, rng)[0])(params)
+    # Direct: the same draws, rewards by the checker, float64 advantages with torch.std's ddof 1, and
+    # -mean over answer tokens of A * grad ln softmax(z / T)[token].
+    prompts = jnp.repeat(batch["prompts"], group, axis=0)
+    answers = sample(model, prompts, 1, jax.random.split(rng)[0], temperature)
+    rewards = np.asarray(check(prompts, answers, 16), np.float64).reshape(-1, group)
+    assert 0 < rewards.sum() < rewards.size and (rewards.std(1) > 0).any()
+    adv = ((rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1)
+    seq = jnp.concatenate([prompts, answers], axis=1)
+
+    def reinforce(p):
+        logits = nnx.merge(graphdef, p, rest)(seq)[:, -2].astype(jnp.float32) / temperature
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), answers, axis=-1)[:, 0]
+        return -jnp.mean(jnp.asarray(adv, jnp.float32) * logp)
+
+    expected = jax.grad(reinforce)(params)
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+    error = np.linalg.norm(flat(grad) - flat(expected)) / np.linalg.norm(flat(expected))
+    assert error < 1e-5, error
 
 
 def test_grpo_objective_equals_float64():

@@ -4,10 +4,18 @@ The s of the attention-entropy bound (:func:`~entropy_jax.probes.attention.atten
 is a spectral norm. The exact one needs LAPACK (map it one matrix at a time in sharded CPU
 programs); :func:`spectral_norm_upper_bound` is never below it and uses matrix products only, so
 it vmaps anywhere. Computed in the input's float dtype (at least float32).
+
+Every product here runs at ``jax.lax.Precision.HIGHEST``: JAX's default float32 matmul on recent
+GPUs is TF32 (operands rounded to 10 mantissa bits) and on TPUs one bfloat16 pass (7 bits), which
+put the certified bound below the true norm (by up to 3e-5 with TF32, 3e-4 with bfloat16) and
+the exact norm off by as much. A margin for that unit roundoff (2^-11 or 2^-8, against 2^-24)
+would loosen the bound on every backend; full-precision products cost a few extra passes on
+accelerators only, where these small matrices are not the bottleneck.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -15,17 +23,29 @@ import jax.numpy as jnp
 
 from entropy_jax.probes.stats import at_least_float32
 
+# Full float32 products on every backend (see the module docstring).
+_mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+
 NORM_METHODS = ("certified", "exact")
 
 
-def _spectral_norm_squared(a: jax.Array) -> jax.Array:
-    """``||A||_2^2`` = largest eigenvalue of the smaller Gram (``A^T A`` or ``A A^T``), by ``eigvalsh``.
+def _unit_scaled(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(A / c, c)`` with ``c = max |a_ij|`` (1 for A = 0): ``||A|| = c ||A / c||``, and the
+    squares and Grams of ``A / c`` neither overflow nor underflow (float32 Grams of entries about
+    1e19 overflow, of entries about 1e-19 underflow)."""
+    c = jnp.max(jnp.abs(a))
+    return a / jnp.where(c > 0, c, 1.0), c
+
+
+def _spectral_norm_exact(a: jax.Array) -> jax.Array:
+    """``||A||_2`` = ``c sqrt(lambda_max)`` of the smaller Gram of ``A / c`` (:func:`_unit_scaled`), by ``eigvalsh``.
 
     Not ``jnp.linalg.norm(ord=2)``: that is an SVD (``gesdd``), and under ``vmap`` a batched
     ``gesdd`` deadlocks XLA:CPU in a program sharded over several CPU devices.
     """
-    gram = a.T @ a if a.shape[-1] <= a.shape[-2] else a @ a.T
-    return jnp.maximum(jnp.linalg.eigvalsh(gram)[-1], 0.0)
+    a, c = _unit_scaled(a)
+    gram = _mm(a.T, a) if a.shape[-1] <= a.shape[-2] else _mm(a, a.T)
+    return c * jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[-1], 0.0))
 
 
 def _orthonormal_columns(y: jax.Array) -> jax.Array:
@@ -38,8 +58,8 @@ def _orthonormal_columns(y: jax.Array) -> jax.Array:
 
     def column(j: jax.Array, q: jax.Array) -> jax.Array:
         v0 = jax.lax.dynamic_index_in_dim(y, j, axis=1, keepdims=False)
-        v = v0 - q @ (q.T @ v0)
-        v = v - q @ (q.T @ v)
+        v = v0 - _mm(q, _mm(q.T, v0))
+        v = v - _mm(q, _mm(q.T, v))
         n, n0 = jnp.linalg.norm(v), jnp.linalg.norm(v0)
         keep = n > 1e-2 * n0
         return q.at[:, j].set(jnp.where(keep, v / jnp.where(keep, n, 1.0), 0.0))
@@ -59,7 +79,7 @@ def _max_eigenvalue_upper_bound(s: jax.Array, squarings: int) -> jax.Array:
     a = s / jnp.where(f0 > 0, f0, 1.0)
     log_bound = jnp.log(jnp.where(f0 > 0, f0, 1.0))
     for i in range(1, squarings + 1):
-        a = a @ a
+        a = _mm(a, a)
         f = jnp.linalg.norm(a)  # >= lambda_max(a)^2 >= 1/k since ||a||_F = 1 before squaring
         log_bound = log_bound + jnp.log(f) / 2**i
         a = a / f
@@ -82,7 +102,7 @@ def _collatz_wielandt_squared(a: jax.Array, steps: int) -> jax.Array:
     monotonicity). x starts at ones and takes ``steps`` power steps (kept positive).
     """
     n_abs = jnp.abs(a)
-    apply = lambda x: n_abs.T @ (n_abs @ x)
+    apply = lambda x: _mm(n_abs.T, _mm(n_abs, x))
     x = jnp.ones(a.shape[1], a.dtype)
     for _ in range(steps):
         y = apply(x)
@@ -102,11 +122,11 @@ def _projection_bound_squared(a: jax.Array, q: jax.Array, squarings: int) -> jax
     assumed. ``||B||_2^2`` is bounded by :func:`_max_eigenvalue_upper_bound` of ``B B^T`` and
     ``||R||_2^2`` by :func:`_entrywise_norm_bounds_squared`.
     """
-    b = q.T @ a
-    r = a - q @ b
+    b = _mm(q.T, a)
+    r = a - _mm(q, b)
     nonzero = (jnp.sum(q * q, axis=0) > 0).astype(a.dtype)
-    delta = jnp.linalg.norm(q.T @ q - jnp.diag(nonzero))
-    return (1.0 + 3.0 * delta) * _max_eigenvalue_upper_bound(b @ b.T, squarings) + _entrywise_norm_bounds_squared(r)
+    delta = jnp.linalg.norm(_mm(q.T, q) - jnp.diag(nonzero))
+    return (1.0 + 3.0 * delta) * _max_eigenvalue_upper_bound(_mm(b, b.T), squarings) + _entrywise_norm_bounds_squared(r)
 
 
 def _deflated_bound_squared(a: jax.Array, rank: int, power_steps: int, squarings: int) -> jax.Array:
@@ -114,10 +134,29 @@ def _deflated_bound_squared(a: jax.Array, rank: int, power_steps: int, squarings
     iteration (``power_steps`` rounds) from a fixed Gaussian start: R keeps only the tail
     ``sigma_{k+1..}``, so the bound is about ``sigma_1^2 + sum_{i > k} sigma_i^2``."""
     omega = jax.random.normal(jax.random.key(0), (a.shape[1], rank), a.dtype)
-    q = _orthonormal_columns(a @ omega)
+    q = _orthonormal_columns(_mm(a, omega))
     for _ in range(power_steps):
-        q = _orthonormal_columns(a @ _orthonormal_columns(a.T @ q))
+        q = _orthonormal_columns(_mm(a, _orthonormal_columns(_mm(a.T, q))))
     return _projection_bound_squared(a, q, squarings)
+
+
+def _flushed_norm_bound(a: jax.Array, c: jax.Array) -> jax.Array:
+    """``sqrt(k) tiny + sqrt(m n) tiny c`` >= the spectral norm of what flushing subnormals to zero
+    drops from A (k its subnormal entries, ``tiny`` the smallest normal float, ``c = max |a_ij|``).
+
+    XLA:CPU (and GPUs) flush subnormal operands and results to zero: A's k subnormal entries are
+    each below ``tiny``; entries of ``A / c`` below ``tiny`` are flushed too, each below ``c tiny``
+    in A's units. The dropped matrix's Frobenius norm is at most the sum of the two. k is counted
+    from the bit patterns (exponent field 0, mantissa not), which no flushing touches, so a zero
+    A gets 0. The second term is computed only when ``c >= 1``: for ``c < 1`` the entries below
+    ``c tiny`` are subnormal in A itself and already counted (and ``c tiny`` would flush).
+    """
+    finfo = jnp.finfo(a.dtype)
+    bits = jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{finfo.bits}"))
+    magnitude = bits & ~jnp.array(1 << (finfo.bits - 1), bits.dtype)  # clear the sign bit
+    subnormal = jnp.sum((magnitude != 0) & (magnitude < (1 << finfo.nmant)))
+    scaled = (a.shape[0] * a.shape[1]) ** 0.5 * finfo.tiny * jnp.where(c >= 1, c, 0.0)
+    return jnp.sqrt(subnormal.astype(a.dtype)) * finfo.tiny + scaled
 
 
 def spectral_norm_upper_bound(
@@ -145,25 +184,27 @@ def spectral_norm_upper_bound(
     several CPU devices. Cost ``O(m n (rank (2 power_steps + 3) + 2 cw_steps))`` for an m x n
     A, against ``O(m n min(m, n))`` for an exact norm. Computed in A's float dtype (at least
     float32); the result is scaled by ``1 + 4 max(m, n) eps`` to cover rounding in the
-    length-``max(m, n)`` sums (Higham's ``gamma_n``). Units: those of A. 0 for A = 0.
+    length-``max(m, n)`` sums (Higham's ``gamma_n``; every product at full precision, see the
+    module docstring), plus :func:`_flushed_norm_bound` for subnormals that XLA flushes to zero.
+    Units: those of A. 0 for A = 0.
     """
     a = at_least_float32(a)
     if a.ndim != 2:
         raise ValueError(f"a must be a matrix (m, n), got shape {a.shape}; vmap over leading axes")
     rank = max(1, min(rank, *a.shape))
-    # ||A|| = c ||A / c|| with c = max |a_ij|: the squares below neither overflow nor underflow.
-    c = jnp.max(jnp.abs(a))
-    a = a / jnp.where(c > 0, c, 1.0)
+    raw = a
+    a, c = _unit_scaled(a)
     if 2 * min(a.shape) <= max(a.shape):
         # Wide or tall: the small Gram costs O(m n min(m, n)) and its squarings are at most
         # min(m, n)^(1 / 2^(squarings + 1)) too large, so the other bounds are not needed.
-        gram = a.T @ a if a.shape[1] < a.shape[0] else a @ a.T
+        gram = _mm(a.T, a) if a.shape[1] < a.shape[0] else _mm(a, a.T)
         squared = _max_eigenvalue_upper_bound(gram, squarings)
     else:
         squared = jnp.minimum(_entrywise_norm_bounds_squared(a), _collatz_wielandt_squared(a, cw_steps))
         squared = jnp.minimum(squared, _deflated_bound_squared(a, rank, power_steps, squarings))
-    margin = 1.0 + 4.0 * max(a.shape) * jnp.finfo(a.dtype).eps
-    return c * jnp.sqrt(jnp.maximum(squared, 0.0)) * margin
+    finfo = jnp.finfo(a.dtype)
+    margin = 1.0 + 4.0 * max(a.shape) * finfo.eps
+    return c * jnp.sqrt(jnp.maximum(squared, 0.0)) * margin + _flushed_norm_bound(raw, c)
 
 
 def spectral_norm(a: Any, method: str = "exact") -> jax.Array:
@@ -171,7 +212,7 @@ def spectral_norm(a: Any, method: str = "exact") -> jax.Array:
     matrix at a time in sharded CPU programs), or :func:`spectral_norm_upper_bound` for
     ``"certified"`` (never below the exact value; products only, vmaps anywhere)."""
     if method == "exact":
-        return jnp.sqrt(_spectral_norm_squared(at_least_float32(a)))
+        return _spectral_norm_exact(at_least_float32(a))
     if method == "certified":
         return spectral_norm_upper_bound(a)
     raise ValueError(f"norm method must be one of {NORM_METHODS}, got {method!r}")
@@ -183,9 +224,10 @@ def bilinear_form_norm(w_q: Any, w_k: Any) -> jax.Array:
     With ``C_K = W_K^T W_K = V diag(c) V^T`` and ``L = V diag(sqrt c)``, ``W_K = U L^T`` for some
     U with orthonormal columns, so ``||W_K W_Q^T|| = ||W_Q L||`` and its square is the largest
     eigenvalue of the Dh x Dh ``L^T (W_Q^T W_Q) L``: two Dh x Dh ``eigh`` (LAPACK: map one
-    head at a time in sharded CPU programs), O(D Dh^2).
+    head at a time in sharded CPU programs), O(D Dh^2). Each matrix is scaled by its largest
+    entry first (:func:`_unit_scaled`) and every product is at full precision.
     """
-    w_q, w_k = at_least_float32(w_q), at_least_float32(w_k)
-    c, v = jnp.linalg.eigh(w_k.T @ w_k)
-    wl = w_q @ (v * jnp.sqrt(jnp.maximum(c, 0.0)))
-    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(wl.T @ wl)[-1], 0.0))
+    (w_q, c_q), (w_k, c_k) = _unit_scaled(at_least_float32(w_q)), _unit_scaled(at_least_float32(w_k))
+    c, v = jnp.linalg.eigh(_mm(w_k.T, w_k))
+    wl = _mm(w_q, v * jnp.sqrt(jnp.maximum(c, 0.0)))
+    return c_q * c_k * jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(_mm(wl.T, wl))[-1], 0.0))

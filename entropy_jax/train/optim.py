@@ -60,28 +60,35 @@ class KappaTuneMask(NamedTuple):
     mask: Any
 
 
-def kappatune(num_trained: int) -> optax.GradientTransformation:
-    """Zero the updates of all but the ``num_trained`` lowest-kappa matrices at init, so the others stay
-    bit-identical. The mask is computed once, from the parameters ``init`` sees, and kept in the state."""
+def kappatune(num_trained: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` (AdamW and its clipping) on the ``num_trained`` lowest-kappa matrices at init only: the
+    frozen gradients are zeroed before ``inner`` (so they do not enter the global-norm clip) and the
+    frozen updates after it (weight decay), so those parameters stay bit-identical. The mask is
+    computed once, from the parameters ``init`` sees. The state is ``(inner state, KappaTuneMask)``,
+    the same tree as ``optax.chain(inner, mask)`` has, so checkpoints of either form restore into it.
+    """
 
     def init(params):
         if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)):
             mask = jax.tree.map(lambda _: jnp.zeros((), bool), params)  # shapes only (a restore target)
         else:
             mask = jax.tree.map(jnp.asarray, kappatune_mask(params, num_trained))
-        return KappaTuneMask(mask)
+        return inner.init(params), KappaTuneMask(mask)
 
     def update(updates, state, params=None):
-        del params
-        return jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, state.mask), state
+        inner_state, mask = state
+        keep = lambda tree: jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), tree, mask.mask)
+        updates, inner_state = inner.update(keep(updates), inner_state, params)
+        return keep(updates), (inner_state, mask)
 
     return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(train_cfg: TrainConfig | Mapping[str, Any]) -> optax.GradientTransformation:
-    """AdamW (with clipping when ``grad_clip`` > 0), then KappaTune when ``kappatune`` > 0."""
+    """AdamW (with clipping when ``grad_clip`` > 0), inside KappaTune when ``kappatune`` > 0 (the clip's
+    global norm is then over the trained matrices only)."""
     t = _typed(train_cfg)
     tx = optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
     if t.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
-    return optax.chain(tx, kappatune(t.kappatune)) if t.kappatune > 0 else tx
+    return kappatune(t.kappatune, tx) if t.kappatune > 0 else tx
