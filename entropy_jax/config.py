@@ -155,6 +155,7 @@ class TrainConfig(_Section):
     b2: float = 0.95
     grad_clip: float = 1.0
     log_every: int = 1
+    steps_per_call: int = 1  # optimiser steps per jitted call (a lax.scan); checkpoints end a call
     loss: dict = dataclasses.field(default_factory=lambda: {"name": "next_token"})
     probe_every: int = -1
     tensorboard: bool = False
@@ -175,6 +176,7 @@ class TrainConfig(_Section):
                 problems.append(f"{key}={beta} must be in [0, 1)")
         _at_least(problems, "train.grad_clip", self.grad_clip, 0, "0 disables clipping")
         _at_least(problems, "train.log_every", self.log_every, 1, "steps between rows of metrics.jsonl")
+        _at_least(problems, "train.steps_per_call", self.steps_per_call, 1, "optimiser steps per jitted call")
         _at_least(problems, "train.probe_every", self.probe_every, -1, "-1 every checkpoint, 0 never, N every N")
         _at_least(problems, "train.kappatune", self.kappatune, 0, "0 trains every matrix")
         if not isinstance(self.loss.get("name"), str):

@@ -76,14 +76,15 @@ def fsdp_sharding(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), mesh.devices.size)), tree)
 
 
-def shard_batch(batch, mesh: Mesh):
-    """Place a host-local batch (pytree of numpy arrays, this process's rows) on the mesh."""
-    sharding = data_sharding(mesh)
+def shard_batch(batch, mesh: Mesh, axis: int = 0):
+    """Place a host-local batch (pytree of numpy arrays, this process's rows) on the mesh, its
+    ``axis`` (the batch axis; 1 for a block of batches stacked on a leading step axis) split over ``data``."""
+    sharding = NamedSharding(mesh, P(*[None] * axis, DATA_AXIS))
     n = mesh.devices.size
     for x in jax.tree.leaves(batch):
-        if x.shape[0] * jax.process_count() % n:
+        if x.shape[axis] * jax.process_count() % n:
             raise ValueError(
-                f"global batch {x.shape[0] * jax.process_count()} is not divisible by the "
+                f"global batch {x.shape[axis] * jax.process_count()} is not divisible by the "
                 f"{n} devices of the mesh; choose a batch size that is a multiple of {n}"
             )
     return jax.tree.map(

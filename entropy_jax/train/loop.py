@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from entropy_jax import data
@@ -42,7 +43,7 @@ from entropy_jax.train.metric_writer import MetricWriter, read_metrics
 from entropy_jax.train.objective import make_loss
 from entropy_jax.train.optim import make_optimizer, make_schedule
 from entropy_jax.train.start import Parent, Start, plan_start
-from entropy_jax.train.step import TrainState, init_state, make_flat_train_step
+from entropy_jax.train.step import TrainState, init_state, make_flat_train_block, make_flat_train_step
 from entropy_jax.train.task_eval import task_evaluation
 
 # Called in the training process at its probe steps (train.probe_every): (step, state, metadata).
@@ -257,8 +258,9 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
     total, ck = cfg.train.steps, cfg.checkpoint
     leaves, treedef = jax.tree.flatten(state)
     del state  # its arrays are donated to the first step
-    train_step = make_flat_train_step(run.graphdef, run.tx, run.schedule, make_loss(cfg.train.loss),
-                                      treedef)
+    loss_fn, per_call = make_loss(cfg.train.loss), cfg.train.steps_per_call
+    train_step = make_flat_train_step(run.graphdef, run.tx, run.schedule, loss_fn, treedef)
+    train_block = make_flat_train_block(run.graphdef, run.tx, run.schedule, loss_fn, treedef) if per_call > 1 else None
     progress, pending, last = _Progress(start, total), None, {"loss": None, "saved": start, "step": start}
     window = collections.deque([(start, time.perf_counter())], maxlen=21)  # rate over the last 20 steps
     entropy_rate = run.corpus.entropy_rate
@@ -282,29 +284,48 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
         progress.update(step, m["loss"], gap)
         last["loss"] = m["loss"]
 
+    def pull_all(first: int, metrics: dict, evaluated: dict | None = None) -> None:
+        """Steps ``first ..`` of one call (metrics stacked on a leading axis after a block)."""
+        host = jax.device_get(metrics)
+        if np.ndim(host["loss"]) == 0:
+            return pull(first, host, evaluated)
+        n = len(host["loss"])
+        for i in range(n):
+            pull(first + i, {k: v[i] for k, v in host.items()}, evaluated if i == n - 1 else None)
+
+    def stops_at(step: int) -> bool:
+        """Whether the loop must hold the state after ``step`` (a checkpoint or a probe step)."""
+        save = is_save_step(step, total, ck.dense_until, ck.every)
+        return save or (on_probe_step is not None and _probe_step(step, save, cfg.train.probe_every))
+
     try:
-        for step in range(start + 1, total + 1):
-            if stop.signum is not None:
-                break
-            batch = shard_batch(next(run.iterator), run.mesh)
-            leaves, metrics = train_step(leaves, batch)
-            last["step"] = step
+        step = start
+        while step < total and stop.signum is None:
+            n = per_call if step + per_call <= total and not any(map(stops_at, range(step + 1, step + per_call))) else 1
+            first = step + 1
+            if n == 1:
+                leaves, metrics = train_step(leaves, shard_batch(next(run.iterator), run.mesh))
+            else:
+                batches = [next(run.iterator) for _ in range(n)]
+                block = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+                leaves, metrics = train_block(leaves, shard_batch(block, run.mesh, axis=1))
+            step = last["step"] = step + n
             if pending is not None:
-                pull(*pending)
-            pending = (step, metrics)
+                pull_all(*pending)
+            pending = (first, metrics)
             save = is_save_step(step, total, ck.dense_until, ck.every)
             if save:
                 saved_state = jax.tree.unflatten(treedef, leaves)
                 evaluated = None if run.evaluate is None else run.evaluate(
                     saved_state.params, saved_state.model_state, step)
-                pull(*pending, evaluated)  # never save a state whose step diverged
+                pull_all(*pending, evaluated)  # never save a state whose step diverged
                 pending = None
                 meta = run.save(saved_state, lineage)
                 last["saved"] = step
             if on_probe_step is not None and _probe_step(step, save, cfg.train.probe_every):
                 on_probe_step(step, jax.tree.unflatten(treedef, leaves), meta if save else run.meta(step, lineage))
         if pending is not None:
-            pull(*pending)
+            pull_all(*pending)
     finally:
         progress.close()
     return last

@@ -92,3 +92,20 @@ def make_flat_train_step(
         return jax.tree.leaves(new), metrics
 
     return jax.jit(flat_step, donate_argnums=0)
+
+
+def make_flat_train_block(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+    loss_fn: LossFn | None, treedef: jax.tree_util.PyTreeDef,
+) -> Callable[[list[jax.Array], Batch], tuple[list[jax.Array], dict[str, jax.Array]]]:
+    """Several steps in one call: ``(leaves, batches) -> (leaves, metrics)``, a ``lax.scan`` of the
+    :func:`make_flat_train_step` step over batches stacked on a leading step axis, the metrics
+    stacked the same way (one host round trip and one dispatch per block instead of per step).
+    Each step sees the state the previous one left, as in the step-by-step loop."""
+    step = train_step_fn(graphdef, tx, schedule, loss_fn)
+
+    def body(leaves: list[jax.Array], batch: Batch) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+        new, metrics = step(jax.tree.unflatten(treedef, leaves), batch)
+        return jax.tree.leaves(new), metrics
+
+    return jax.jit(lambda leaves, batches: jax.lax.scan(body, leaves, batches), donate_argnums=0)

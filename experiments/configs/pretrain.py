@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.95
     c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
     c.train.log_every = 1  # steps between rows of metrics.jsonl
+    c.train.steps_per_call = 1  # steps per jitted call (a lax.scan; the same numbers, less host work per step)
     c.train.loss = ml_collections.ConfigDict(dict(
         name="next_token",  # a loss registered in entropy_jax.train.objective.LOSSES
         skip_first=0,  # next_token: positions at the start of each sequence that carry no loss
