@@ -27,7 +27,7 @@ import ml_collections
 from experiments.configs import pretrain
 
 # Tasks per pretraining preset: (kind, size). Prompt + answer must fit seq_len + 1 tokens.
-TASKS = {"tiny": ("add", 10), "small": ("add", 10), "test": ("add", 5)}
+TASKS = {"tiny": ("fact", 512), "small": ("add", 10), "test": ("add", 5)}
 STEPS = {"tiny": 300, "small": 100, "test": 40}
 
 
@@ -45,6 +45,8 @@ def posttrain_config(preset: str, stage: str, split: str) -> ml_collections.Conf
         # num_val >= the probe set's size: the config check compares them (the probes use the lineage root's data)
         num_train=1_024 if preset == "test" else 20_000, num_val=c.probe_set.num_sequences,
         data_seed=0, data_dir=c.data.data_dir,
+        # fact: the pretraining corpus whose facts are asked, and the frequent keys held out
+        zipf_exponent=c.data.zipf_exponent, corpus_seed=c.data.data_seed, heldout_keys=256,
     ))
     c.train.steps = STEPS[preset]
     c.train.lr = 1e-2 if preset == "test" else 3e-3
