@@ -1,4 +1,4 @@
-"""The fact task: the assoc_pairs corpus's own key -> value map, asked as ``marker k SEP``, split by key frequency."""
+"""The fact task: the assoc_pairs corpus's own key -> value map, asked as ``marker SEP k``, split by key frequency."""
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ P = TaskParams(kind="fact", size=512, vocab_size=V, num_train=2_000, num_val=512
 
 
 def _keys(d):
-    return d["prompt"][:, 1]
+    return d["prompt"][:, 2]
 
 
 def test_answers_are_the_corpus_permutation():
@@ -26,7 +26,7 @@ def test_answers_are_the_corpus_permutation():
     assert tasks.marker_id("fact", V) == V - tasks.NUM_SPECIAL  # the last reserved id
     for split in ("sft", "dpo", "rl", "validation", "validation_ood"):
         d = generate(P, split, 300)
-        np.testing.assert_array_equal(d["prompt"][:, [0, 2]], [[tasks.marker_id("fact", V), tasks.sep_id(V)]] * 300)
+        np.testing.assert_array_equal(d["prompt"][:, [0, 1]], [[tasks.marker_id("fact", V), tasks.sep_id(V)]] * 300)
         np.testing.assert_array_equal(d["answer"][:, 0], f[_keys(d)])
         assert (d["rejected"][:, 0] != d["answer"][:, 0]).all()
         assert (_keys(d) < tasks.num_content(V)).all() and (d["answer"] < tasks.num_content(V)).all()
@@ -107,7 +107,7 @@ def test_builder_serves_both_held_out_splits_and_the_table(data_dir):
     rl = next(data.make_train_iterator(corpus, 8, seed=1))
     assert rl["facts"].shape == (8, v) and rl["prompts"].shape == (8, 3)
     assert check(rl["prompts"], rl["answers"], v, rl["facts"]).all()
-    assert set(rl["prompts"][:, 1]) <= set(p.key_splits()["train"])
+    assert set(rl["prompts"][:, 2]) <= set(p.key_splits()["train"])
     sft = data.load_corpus(ml_collections.ConfigDict({**cfg.to_dict(), "split": "sft", "task": "add", "task_size": 5}),
                            16)
     assert sft.validation_ood is None and sft.facts is None

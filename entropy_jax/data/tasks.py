@@ -162,17 +162,20 @@ def expected_answers(prompts_NxP, answer_len: int, vocab_size: int, facts=None):
         m, x, y = body[:, 0], body[:, 1], body[:, 2]
         valid = (m >= 2) & (x < m) & (y < m)
         candidates.append(("add", ((x + y) % xp.maximum(m, 1))[:, None], valid))
-    if a == 1 and p == 3 and facts is not None:
-        key, facts = xp.clip(body, 0, vocab_size - 1), xp.asarray(facts)  # key [N, 1]
-        value = facts[key[:, 0]][:, None] if facts.ndim == 1 else xp.take_along_axis(facts, key, axis=1)
-        candidates.append(("fact", value, (value[:, 0] >= 0) & (value[:, 0] < num_content(vocab_size))))
+    candidates = [(kind, value, valid & ok) for kind, value, valid in candidates]
+    if a == 1 and p == 3 and facts is not None:  # marker SEP k: SEP first, the key last
+        key, facts = prompts_NxP[:, 2:], xp.asarray(facts)  # [N, 1]
+        safe = xp.clip(key, 0, vocab_size - 1)
+        value = facts[safe[:, 0]][:, None] if facts.ndim == 1 else xp.take_along_axis(facts, safe, axis=1)
+        valid = (prompts_NxP[:, 1] == sep_id(vocab_size)) & (key[:, 0] >= 0) & (key[:, 0] < num_content(vocab_size))
+        candidates.append(("fact", value, valid & (value[:, 0] >= 0) & (value[:, 0] < num_content(vocab_size))))
     answer = xp.zeros((n, a), dtype=prompts_NxP.dtype)
     parsed = xp.zeros((n,), dtype=bool)
     for kind, value, valid in candidates:
         mine = (prompts_NxP[:, 0] == marker_id(kind, vocab_size)) & valid
         answer = xp.where(mine[:, None], value.astype(prompts_NxP.dtype), answer)
         parsed = parsed | mine
-    return answer, parsed & ok
+    return answer, parsed
 
 
 def check(prompts_NxP, answers_NxA, vocab_size: int, facts=None):
@@ -235,11 +238,11 @@ def _rejected(p: TaskParams, prompts: np.ndarray, answers: np.ndarray, rng: np.r
 
 
 def _fact_examples(p: TaskParams, split: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts ``marker k SEP`` over the split's keys (:mod:`entropy_jax.data.facts`) and, as the
+    """Prompts ``marker SEP k`` over the split's keys (:mod:`entropy_jax.data.facts`) and, as the
     rejected answer, the value of another key of the same split."""
     keys = p.key_splits()["train" if split in ("sft", "dpo", "rl") else split]
     k = fact_keys(keys, n, split.startswith("validation"), rng)
-    prompts = np.stack([np.full(n, marker_id("fact", p.vocab_size)), k, np.full(n, sep_id(p.vocab_size))], 1)
+    prompts = np.stack([np.full(n, marker_id("fact", p.vocab_size)), np.full(n, sep_id(p.vocab_size)), k], 1)
     return prompts.astype(np.int32), wrong_values(p.facts(), k, keys, rng)[:, None]
 
 

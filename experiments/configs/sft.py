@@ -49,7 +49,7 @@ def posttrain_config(preset: str, stage: str, split: str) -> ml_collections.Conf
         zipf_exponent=c.data.zipf_exponent, corpus_seed=c.data.data_seed, heldout_keys=256,
     ))
     c.train.steps = STEPS[preset]
-    c.train.lr = 1e-2 if preset == "test" else 3e-3
+    c.train.lr = {"test": 1e-2, "tiny": 3e-4}.get(preset, 3e-3)
     c.train.warmup_steps = 4 if preset == "test" else 20
     c.train.end_lr = c.train.lr / 10
     c.train.weight_decay = 0.0
