@@ -30,7 +30,7 @@ def test_answers_are_the_corpus_permutation():
         np.testing.assert_array_equal(d["answer"][:, 0], f[_keys(d)])
         assert (d["rejected"][:, 0] != d["answer"][:, 0]).all()
         assert (_keys(d) < tasks.num_content(V)).all() and (d["answer"] < tasks.num_content(V)).all()
-        assert np.isin(d["rejected"][:, 0], f[P.key_splits()["train" if split in tasks.SPLITS[:3] else split]]).all()
+        assert (d["rejected"] < tasks.num_content(V)).all()
 
 
 def test_checker_accepts_exactly_the_corpus_value_numpy_and_jitted():

@@ -239,11 +239,12 @@ def _rejected(p: TaskParams, prompts: np.ndarray, answers: np.ndarray, rng: np.r
 
 def _fact_examples(p: TaskParams, split: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Prompts ``marker SEP k`` over the split's keys (:mod:`entropy_jax.data.facts`) and, as the
-    rejected answer, the value of another key of the same split."""
+    rejected answer, a Zipf-drawn key (:func:`entropy_jax.data.facts.wrong_values`)."""
     keys = p.key_splits()["train" if split in ("sft", "dpo", "rl") else split]
     k = fact_keys(keys, n, split.startswith("validation"), rng)
     prompts = np.stack([np.full(n, marker_id("fact", p.vocab_size)), np.full(n, sep_id(p.vocab_size)), k], 1)
-    return prompts.astype(np.int32), wrong_values(p.facts(), k, keys, rng)[:, None]
+    wrong = wrong_values(p.facts()[k], num_content(p.vocab_size), p.zipf_exponent, rng)
+    return prompts.astype(np.int32), wrong[:, None]
 
 
 def generate(p: TaskParams, split: str, n: int) -> dict[str, np.ndarray]:

@@ -6,11 +6,17 @@ loss on the answer tokens only (the prompt and the padding carry weight 0), stag
       --workdir=runs/sft
 Presets follow the pretraining presets of experiments/configs/pretrain.py (the model, vocabulary
 and sequence length must be the parent's):
-  tiny  For the tiny pretraining demo: modular addition mod 10 over its V = 1024 vocabulary,
-        300 steps of 32 examples (lr 3e-3, 20 warmup steps); the answer loss falls from 2.63 to
-        2.25 nats (chance ln 10 = 2.30), so RLVR starts from a model that partly solves the task.
-        In-context lookup of 4 pairs (data.task=lookup, task_size=4) stays at chance (6.9 nats)
-        over 300 steps at this size.
+  tiny  For the tiny pretraining demo: the assoc_pairs corpus's own facts (data.task=fact,
+        entropy_jax.data.facts), prompt ``marker SEP k``, answer f(k). Keys of ranks [0, 512) are
+        in distribution (96% of the pretraining keys): 256 of them held out (validation), the other
+        252 trained on; the 256 rarest eligible keys (ranks 758-1015, each seen about 170-240 times
+        in pretraining) are validation_ood. 300 steps of 32 examples, lr 3e-4 (20 warmup steps).
+        Measured from the demo's pretraining checkpoint: greedy exact match on held-out keys 0.00
+        -> 1.00 in distribution and 0.00 -> 1.00 out of distribution. At lr 3e-3 the model
+        memorises the training keys instead (train keys 1.00, held-out 0.16 / OOD 0.01; lr 1e-3:
+        0.64 / 0.14); with the prompt ``marker k SEP`` it memorises at lr 3e-3 too (held-out 0.00).
+        Modular addition mod 10 (the previous task) stays at chance over 300 steps, as does
+        in-context lookup of 4 pairs (data.task=lookup, task_size=4).
   small For the small pretraining preset (4 layers, width 128, V = 1024, T 256): the tiny preset's
         task, 100 steps (a step costs about 8x a tiny one on CPU).
   test  For the ``test`` pretraining preset (V = 64, 1-layer width 16): modular addition mod 5,
