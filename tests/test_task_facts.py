@@ -47,6 +47,10 @@ def test_checker_accepts_exactly_the_corpus_value_numpy_and_jitted():
     assert not check(d["prompt"], d["answer"], V, other).all()
     _, parsed = expected_answers(d["prompt"], 1, V)  # without the table a fact prompt does not parse
     assert not parsed.any()
+    m, sep = tasks.marker_id("fact", V), tasks.sep_id(V)
+    bad = np.array([[m, 5, sep], [m, sep, V - 3], [tasks.marker_id("copy", V), sep, 5], [m, 6, 5]])
+    _, parsed = expected_answers(bad, 1, V, P.facts())  # key first, a reserved key, another marker, no SEP
+    assert not parsed.any()
     with pytest.raises(UserError, match="cannot parse prompt 0"):
         check_parsed(d["prompt"], d["answer"], V)
 

@@ -3,7 +3,7 @@
 Every example is a fixed-length prompt and a fixed-length answer (both int32). The top
 :data:`NUM_SPECIAL` ids of the vocabulary ``V`` are reserved; content tokens are ``[0, V - 8)``:
 
-* ``PAD = V - 1`` (after the answer, never trained on), ``SEP = V - 2`` (ends every prompt),
+* ``PAD = V - 1`` (after the answer, never trained on), ``SEP = V - 2`` (ends every prompt but fact's),
 * one marker per kind, first token of every prompt: ``V - 3 - ALL_KINDS.index(kind)``.
 
 Kinds (``size`` is the task's one parameter):
@@ -17,7 +17,7 @@ copy       marker x1 ... xn SEP                    n + 2          x1 ... xn
 reverse    marker x1 ... xn SEP                    n + 2          xn ... x1
 sort       marker x1 ... xn SEP                    n + 2          x1 ... xn sorted ascending
 add        marker m a b SEP   (modulus m = size)   5              (a + b) mod m
-fact       marker k SEP                            3              f(k), the assoc_pairs corpus's
+fact       marker SEP k                            3              f(k), the assoc_pairs corpus's
                                                                   value of key k (size: the
                                                                   in-distribution ranks)
 =========  ======================================  =============  ===========================
@@ -25,6 +25,9 @@ fact       marker k SEP                            3              f(k), the asso
 ``fact`` (:mod:`entropy_jax.data.facts`) adds the split ``validation_ood`` (rare keys) and needs the
 corpus's permutation ``f`` to check: ``facts``, int ``[V]`` (or one row per prompt, ``[N, V]``),
 passed explicitly to :func:`expected_answers` / :func:`check` (without it fact prompts do not parse).
+Its key comes last, at the position where pretraining showed values (and then predicted the next,
+Zipf-drawn key), so the pretrained model does not answer the prompt as it stands (greedy exact match
+0 on the demo) and SFT teaches the format while the facts themselves come from pretraining.
 
 :func:`check` is the single source of truth for correctness: the generator's answers are
 :func:`expected_answers` and every generated example is verified by it (chosen answers pass,
