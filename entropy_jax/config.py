@@ -103,6 +103,8 @@ class DataConfig(_Section):
     task: str = "lookup"  # name="tasks" (entropy_jax.data.tasks): which task, its size, the training split
     task_size: int = 4
     split: str = "sft"
+    corpus_seed: int = 0  # task="fact": the data_seed of the assoc_pairs corpus whose facts are asked
+    heldout_keys: int = 256  # task="fact": frequent keys held out as the validation split
 
     def __post_init__(self):
         if self.name not in VALID_NAMES:

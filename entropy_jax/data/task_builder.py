@@ -3,14 +3,18 @@
 ``cfg.data`` of a fine-tuning stage: ``name="tasks"``, ``task`` (a kind of
 :mod:`entropy_jax.data.tasks`), ``task_size``, ``split`` (which stream this stage trains on),
 ``vocab_size`` (the pretraining vocabulary), ``num_train`` (examples per training split),
-``num_val``, ``data_seed``, ``data_dir``. Batches, by split (all int32 ``[B, ...]`` but weights):
+``num_val``, ``data_seed``, ``data_dir``; for ``task="fact"`` also the pretraining corpus's
+``zipf_exponent`` and ``corpus_seed`` and ``heldout_keys``. The corpus's ``validation`` (and, for
+fact, ``validation_ood``) sources hold held-out prompts with their answers and rejected answers;
+``facts`` is the checker's table (None but for fact). Batches, by split (all int32 ``[B, ...]`` but weights):
 
 * ``sft``: ``inputs``, ``targets`` ``[B, T]`` and ``weights`` float32 ``[B, T]`` (1 on answer targets);
 * ``dpo``: those for the chosen (correct) answer plus ``rejected_inputs``, ``rejected_targets``,
   ``rejected_weights`` for the rejected one (same prompt);
 * ``rl``: ``prompts`` ``[B, P]``, ``answers`` ``[B, A]`` (their length fixes how many tokens to
   sample; rewards come from the checker) and ``eval_prompts`` ``[B, P]``, held-out prompts that
-  cycle through the validation split (for pass@1).
+  cycle through the validation split (for pass@1); for fact, ``facts`` ``[B, V]`` (the checker's
+  table, one row per prompt so that it is sharded like them).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from entropy_jax.data.pipeline import local_batch_indices
-from entropy_jax.data.tasks import SPLITS, TaskParams, generate, sequences
+from entropy_jax.data.tasks import TaskParams, generate, sequences
 from entropy_jax.errors import UserError
 
 TRAIN_SPLITS = ("sft", "dpo", "rl")
@@ -46,7 +50,7 @@ class VerifiableTasks(tfds.core.GeneratorBasedBuilder):
     """Prompts, correct answers and plausible wrong ones, checked by :func:`entropy_jax.data.tasks.check`."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "lookup / copy / reverse / sort / modular addition."}
+    RELEASE_NOTES = {"1.0.0": "lookup / copy / reverse / sort / modular addition / corpus facts."}
     code_path = None  # no checksums or package metadata files to look up
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -62,7 +66,8 @@ class VerifiableTasks(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # generated from the seed, nothing to download
         p: TaskParams = self.builder_config.params
-        return {s: self._generate_examples(s, p.num_val if s == "validation" else p.num_train) for s in SPLITS}
+        return {s: self._generate_examples(s, p.num_val if s.startswith("validation") else p.num_train)
+                for s in p.splits}
 
     def _generate_examples(self, split: str, num: int):
         fields = generate(self.builder_config.params, split, num)
@@ -84,13 +89,18 @@ class TaskCorpus:
     info: dict
     task: TaskParams
     split: str
+    validation_ood: Any = None  # fact: the held-out rare keys' source
+    facts: np.ndarray | None = None  # fact: the checker's table (entropy_jax.data.tasks.check's facts)
 
 
 def task_params(data_cfg: Any) -> TaskParams:
-    g = data_cfg.get
-    return TaskParams(kind=g("task", "lookup"), size=int(g("task_size", 4)), vocab_size=int(g("vocab_size", 1024)),
-                      num_train=int(g("num_train", 20_000)), num_val=int(g("num_val", 512)),
-                      seed=int(g("data_seed", 0)))
+    g, d = data_cfg.get, TaskParams()
+    return TaskParams(kind=g("task", d.kind), size=int(g("task_size", d.size)),
+                      vocab_size=int(g("vocab_size", d.vocab_size)), num_train=int(g("num_train", d.num_train)),
+                      num_val=int(g("num_val", d.num_val)), seed=int(g("data_seed", d.seed)),
+                      zipf_exponent=float(g("zipf_exponent", d.zipf_exponent)),
+                      corpus_seed=int(g("corpus_seed", d.corpus_seed)),
+                      heldout_keys=int(g("heldout_keys", d.heldout_keys)))
 
 
 Prepare = Callable[[Callable[[], tfds.core.DatasetBuilder]], tfds.core.DatasetBuilder]
@@ -112,7 +122,9 @@ def load_task_corpus(data_cfg: Any, seq_len: int, data_dir: str, prepare: Prepar
             "prompt_len": params.prompt_len, "answer_len": params.answer_len, "params": dataclasses.asdict(params)}
     return TaskCorpus(name="tasks", vocab_size=params.vocab_size, seq_len=seq_len, entropy_rate=None,
                       entropy_rate_upper=None, train=builder.as_data_source(split),
-                      validation=builder.as_data_source("validation"), info=info, task=params, split=split)
+                      validation=builder.as_data_source("validation"), info=info, task=params, split=split,
+                      validation_ood=builder.as_data_source("validation_ood") if "validation_ood" in params.splits
+                      else None, facts=params.facts())
 
 
 def _stack(records: list[dict], key: str) -> np.ndarray:
@@ -133,7 +145,8 @@ class _ReadTaskBatch(grain.transforms.MapWithIndex):
             n_val = len(c.validation)
             start = index * self.rows * jax.process_count() + self.offset
             held_out = c.validation.__getitems__([(start + j) % n_val for j in range(self.rows)])
-            return {"prompts": prompts, "answers": answers, "eval_prompts": _stack(held_out, "prompt")}
+            batch = {"prompts": prompts, "answers": answers, "eval_prompts": _stack(held_out, "prompt")}
+            return batch if c.facts is None else batch | {"facts": np.tile(c.facts, (self.rows, 1))}
         batch = sequences(prompts, answers, c.seq_len, c.vocab_size)
         if c.split == "dpo":
             rejected = sequences(prompts, _stack(records, "rejected"), c.seq_len, c.vocab_size)

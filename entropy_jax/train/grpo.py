@@ -76,7 +76,9 @@ def grpo(group_size: int = 8, temperature: float = 1.0, clip_eps: float = 0.2, k
         prompts = jnp.repeat(batch["prompts"], group_size, axis=0)  # group g of prompt b: row b * G + g
         sample_key, eval_key = jax.random.split(rng)
         answers = jax.lax.stop_gradient(sample(frozen, prompts, answer_len, sample_key, temperature))
-        rewards = check(prompts, answers, vocab).astype(jnp.float32)
+        facts = batch.get("facts")  # the fact task's table, one row per prompt (entropy_jax.data.task_builder)
+        group_facts = None if facts is None else jnp.repeat(facts, group_size, axis=0)
+        rewards = check(prompts, answers, vocab, group_facts).astype(jnp.float32)
         advantages = group_advantages(rewards.reshape(-1, group_size), eps, ddof).reshape(-1)
         seq = jnp.concatenate([prompts, answers], axis=1)
         logp = answer_logprobs(model(seq), seq, answer_len, temperature)
@@ -87,7 +89,7 @@ def grpo(group_size: int = 8, temperature: float = 1.0, clip_eps: float = 0.2, k
         greedy = sample(frozen, batch["eval_prompts"], answer_len, eval_key, 0.0)
         return loss, {**aux, "reward_mean": rewards.mean(),
                       "reward_std": rewards.reshape(-1, group_size).std(axis=1, ddof=ddof).mean(),
-                      "pass_at_1": check(batch["eval_prompts"], greedy, vocab).astype(jnp.float32).mean(),
+                      "pass_at_1": check(batch["eval_prompts"], greedy, vocab, facts).astype(jnp.float32).mean(),
                       "loss_tokens": jnp.asarray(logp.size, jnp.float32)}
 
     return loss_fn

@@ -8,7 +8,9 @@ frozen reference (the checkpoint the stage starts from), stage ``rlvr``:
       --workdir=runs/rlvr
 Presets as in sft.py:
   tiny  100 steps of 32 prompts x 8 samples, lr 3e-4; metrics.jsonl logs reward_mean, pass_at_1
-        (greedy, on held-out prompts) and kl.
+        (greedy, on held-out prompts) and kl. On the fact task from the tiny DPO checkpoint the
+        reward is saturated: reward_mean 0.999 over the first 10 steps, 0.998 over the last 10;
+        held-out exact match 1.00 -> 1.00, out of distribution 0.98 -> 0.99.
   small as tiny for the small pretraining preset, 30 steps.
   test  30 steps; what the tests run.
 """
