@@ -223,7 +223,7 @@ def start(argv: list[str]) -> None:
         fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
     initialize_distributed()
     setup_logging()
-    logging.info("compilation cache: %s", enable_compilation_cache())
+    logging.debug("compilation cache: %s", enable_compilation_cache())
 
 
 def apply_init_flags(cfg, init_from: str | None, init_step: int | None) -> None:
