@@ -29,7 +29,8 @@ from entropy_jax.models.build import ARCHITECTURES
 C = TypeVar("C")
 
 
-def _as_dict(section: Any) -> dict[str, Any]:
+def as_dict(section: Any) -> dict[str, Any]:
+    """A config section (ConfigDict or mapping) as a plain dict."""
     return dict(section.to_dict() if hasattr(section, "to_dict") else section)
 
 
@@ -41,13 +42,13 @@ def _typed(value: Any, kind: str, key: str) -> Any:
           "dict": isinstance(value, Mapping) or hasattr(value, "to_dict")}[kind]
     if not ok:
         raise UserError(f"{key}={value!r} is a {type(value).__name__}; it must be a {kind}")
-    return float(value) if kind == "float" else _as_dict(value) if kind == "dict" else value
+    return float(value) if kind == "float" else as_dict(value) if kind == "dict" else value
 
 
 def _from_dict(cls: type[C], section: Any, prefix: str) -> C:
     known = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
-    for key, value in _as_dict(section).items():
+    for key, value in as_dict(section).items():
         if key not in known:
             raise UserError(f"unknown config key {prefix}.{key}{did_you_mean(key, known)} "
                             f"(valid keys: {', '.join(known)})")
@@ -244,7 +245,7 @@ def model_section(model: Mapping[str, Any], vocab_size: int, seq_len: int) -> Mo
     """``config.model`` plus what the data decides (vocabulary, context), as a ModelConfig; UserError
     naming the key for a non-integer size, an unregistered architecture, an unknown key or a shape
     the model refuses (heads not dividing the width, say)."""
-    model = _as_dict(model)
+    model = as_dict(model)
     for key, low in MODEL_MINIMA.items():
         value = model.get(key, ModelConfig.default(key))
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -284,7 +285,7 @@ class RunConfig:
         """Type and check every section of ``cfg`` (a ConfigDict or dict); a RunConfig passes through."""
         if isinstance(cfg, RunConfig):
             return cfg
-        raw = _as_dict(cfg)
+        raw = as_dict(cfg)
         seed, stage = raw.get("seed"), raw.get("stage")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UserError(f"seed={seed!r} must be an integer")
@@ -302,9 +303,6 @@ class RunConfig:
         """The same run with ``data`` keys replaced (in the typed section and in ``raw``)."""
         raw = {**self.raw, "data": {**self.raw["data"], **keys}}
         return dataclasses.replace(self, data=dataclasses.replace(self.data, **keys), raw=raw)
-
-    def to_dict(self) -> dict:
-        return self.raw
 
 
 def _check_data_against_train(d: DataConfig, train: TrainConfig, probe_set: ProbeSetConfig) -> None:

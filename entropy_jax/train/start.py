@@ -27,7 +27,7 @@ from entropy_jax.checkpoint import (
     corpus_fingerprint,
     saved_steps,
 )
-from entropy_jax.config import DataConfig, InitFromConfig, RunConfig, check_split_sizes
+from entropy_jax.config import DataConfig, InitFromConfig, RunConfig, as_dict, check_split_sizes
 from entropy_jax.data import data_dir_of, synthetic_params
 from entropy_jax.data.builders import SYNTHETIC_KINDS
 from entropy_jax.data.text import PUBLISHED_TEXT
@@ -38,10 +38,6 @@ from entropy_jax.workdir import Workdir
 
 class MissingCheckpointError(UserError, FileNotFoundError):
     """The checkpoint a run should start from is not there."""
-
-
-def _as_dict(section: Any) -> dict[str, Any]:
-    return dict(section.to_dict() if hasattr(section, "to_dict") else section)
 
 
 
@@ -57,7 +53,7 @@ class Difference:
 
 
 def _section(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
-    return _as_dict(cfg.get(name) or {})
+    return as_dict(cfg.get(name) or {})
 
 
 def _resolved(path: str) -> str:
