@@ -99,6 +99,12 @@ def saved_steps(workdir: str | Path) -> list[int]:
         return ckpts.all_steps()
 
 
+def read_meta(workdir: str | Path, step: int) -> dict:
+    """The metadata of checkpoint ``step`` of ``workdir`` (read-only)."""
+    with Checkpoints(workdir, read_only=True) as ckpts:
+        return ckpts.read_meta(step)
+
+
 class Checkpoints:
     """A thin wrapper over one ``ocp.CheckpointManager`` at ``workdir/checkpoints``.
 

@@ -15,7 +15,7 @@ from conftest import REPO, kill_when_exists, restore_params
 
 from entropy_jax import train
 from entropy_jax.analysis.lifecycle import analyse_lineage, lineage_results, lineage_workdirs
-from entropy_jax.checkpoint import Checkpoints
+from entropy_jax.checkpoint import Checkpoints, read_meta
 from entropy_jax.errors import UserError
 from entropy_jax.sweep import sweep
 from entropy_jax.train.metric_writer import read_metrics
@@ -50,14 +50,6 @@ def run_stage(stage, data_dir, parent, workdir, **overrides):
 def training_rows(workdir):
     """metrics.jsonl rows of training steps (a stage's step-0 row holds only its held-out evaluation)."""
     return [r for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
-
-
-def read_meta(workdir, step):
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
-        return ckpts.read_meta(step)
-    finally:
-        ckpts.close()
 
 
 def assert_trees_equal(a, b):

@@ -27,7 +27,7 @@ from matplotlib.scale import FuncScale
 from entropy_jax.analysis import phases as ph
 from entropy_jax.analysis.plots import save_figure
 from entropy_jax.analysis.results import default_probe, load_optional, load_results, load_train_metrics, write_csv
-from entropy_jax.checkpoint import Checkpoints, saved_steps
+from entropy_jax.checkpoint import read_meta, saved_steps
 from entropy_jax.errors import UserError
 from entropy_jax.train.task_eval import METRICS as EVAL_METRICS
 from entropy_jax.workdir import Workdir
@@ -40,10 +40,7 @@ SUMMARY_COLUMNS = ("run", "stage", "probe", "layer", "start_step", "end_step", "
 
 def _latest_meta(workdir: Path) -> dict | None:
     steps = saved_steps(workdir)
-    if not steps:
-        return None
-    with Checkpoints(workdir, read_only=True) as ckpts:
-        return ckpts.read_meta(steps[-1])
+    return read_meta(workdir, steps[-1]) if steps else None
 
 
 def lineage_workdirs(workdir: str | Path) -> list[Path]:

@@ -127,7 +127,8 @@ def load_task_corpus(data_cfg: Any, seq_len: int, data_dir: str, prepare: Prepar
                       else None, facts=params.facts())
 
 
-def _stack(records: list[dict], key: str) -> np.ndarray:
+def stack_records(records: list[dict], key: str) -> np.ndarray:
+    """Field ``key`` of task records (dicts read from a split's source), stacked as int32 ``[N, ...]``."""
     return np.stack([np.asarray(r[key], dtype=np.int32) for r in records])
 
 
@@ -140,16 +141,16 @@ class _ReadTaskBatch(grain.transforms.MapWithIndex):
     def map_with_index(self, index: int, indices: np.ndarray) -> dict[str, np.ndarray]:
         c = self.corpus
         records = c.train.__getitems__([int(i) for i in indices])
-        prompts, answers = _stack(records, "prompt"), _stack(records, "answer")
+        prompts, answers = stack_records(records, "prompt"), stack_records(records, "answer")
         if c.split == "rl":
             n_val = len(c.validation)
             start = index * self.rows * jax.process_count() + self.offset
             held_out = c.validation.__getitems__([(start + j) % n_val for j in range(self.rows)])
-            batch = {"prompts": prompts, "answers": answers, "eval_prompts": _stack(held_out, "prompt")}
+            batch = {"prompts": prompts, "answers": answers, "eval_prompts": stack_records(held_out, "prompt")}
             return batch if c.facts is None else batch | {"facts": np.tile(c.facts, (self.rows, 1))}
         batch = sequences(prompts, answers, c.seq_len, c.vocab_size)
         if c.split == "dpo":
-            rejected = sequences(prompts, _stack(records, "rejected"), c.seq_len, c.vocab_size)
+            rejected = sequences(prompts, stack_records(records, "rejected"), c.seq_len, c.vocab_size)
             batch |= {f"rejected_{k}": v for k, v in rejected.items()}
         return batch
 

@@ -323,7 +323,8 @@ def _loop(run: _Run, state: TrainState, lineage: Lineage, writer: MetricWriter, 
                 meta = run.save(saved_state, lineage)
                 last["saved"] = step
             if on_probe_step is not None and _probe_step(step, save, cfg.train.probe_every):
-                on_probe_step(step, jax.tree.unflatten(treedef, leaves), meta if save else run.meta(step, lineage))
+                probed = saved_state if save else jax.tree.unflatten(treedef, leaves)
+                on_probe_step(step, probed, meta if save else run.meta(step, lineage))
         if pending is not None:
             pull_all(*pending)
     finally:

@@ -16,15 +16,10 @@ import jax
 import ml_collections
 from flax import nnx
 
-from entropy_jax.checkpoint import Checkpoints, saved_steps
+from entropy_jax.checkpoint import Checkpoints, read_meta, saved_steps
 from entropy_jax.errors import UserError
 from entropy_jax.models import ModelConfig, abstract_model
 from entropy_jax.sharding import make_mesh
-
-
-def _read_meta(workdir: str | Path, step: int) -> dict:
-    with Checkpoints(workdir, read_only=True) as ckpts:
-        return ckpts.read_meta(step)
 
 
 def init_checkpoint(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tuple[str, int] | None:
@@ -36,7 +31,7 @@ def init_checkpoint(cfg: ml_collections.ConfigDict, workdir: str | Path) -> tupl
     """
     own = saved_steps(workdir)
     if own:
-        parent = _read_meta(workdir, own[-1]).get("parent")
+        parent = read_meta(workdir, own[-1]).get("parent")
         return None if parent is None else (parent["workdir"], int(parent["step"]))
     parent_dir = cfg.init_from.workdir
     if not parent_dir:
@@ -66,7 +61,7 @@ def load_reference(workdir: str | Path, step: int) -> nnx.State:
     step = steps[-1] if step < 0 else step
     if step not in steps:
         raise UserError(f"reference step {step} is not a checkpoint of {workdir}; saved steps: {steps}")
-    meta = _read_meta(workdir, step)
+    meta = read_meta(workdir, step)
     _, params_target, _ = abstract_model(ModelConfig.from_dict(meta["model_config"]), make_mesh())
     with Checkpoints(workdir, read_only=True) as ckpts:
         return ckpts.restore(step, arrays={"params": params_target})["params"]

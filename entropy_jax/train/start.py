@@ -21,10 +21,10 @@ from typing import Any
 
 from entropy_jax import data
 from entropy_jax.checkpoint import (
-    Checkpoints,
     ConfigMismatchError,
     corpus_differences,
     corpus_fingerprint,
+    read_meta,
     saved_steps,
 )
 from entropy_jax.config import DataConfig, InitFromConfig, RunConfig, as_dict, check_split_sizes
@@ -161,13 +161,8 @@ class Start:
         return self.resume_step is not None and self.resume_step >= self.config.train.steps
 
 
-def _latest_meta(workdir: Workdir, steps: list[int]) -> dict:
-    with Checkpoints(workdir, read_only=True) as ckpts:
-        return ckpts.read_meta(steps[-1])
-
-
 def _resume(cfg: RunConfig, wd: Workdir, steps: list[int]) -> Start:
-    meta = _latest_meta(wd, steps)
+    meta = read_meta(wd, steps[-1])
     saved = meta["config"]
     diffs = resume_differences(saved, cfg.raw)
     if diffs:
@@ -208,8 +203,7 @@ def parent_checkpoint(init_from: InitFromConfig) -> tuple[Workdir, int]:
 
 def _parent(cfg: RunConfig) -> Parent:
     wd, step = parent_checkpoint(cfg.init_from)
-    with Checkpoints(wd, read_only=True) as ckpts:
-        meta = ckpts.read_meta(step)
+    meta = read_meta(wd, step)
     check_same_model(meta["model_config"], cfg.model, wd.checkpoints, step)
     return Parent(wd, step, meta)
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from entropy_jax.data.task_builder import stack_records
 from entropy_jax.data.tasks import sequences
 from entropy_jax.train.losses import sequence_logprob
 from entropy_jax.train.reference import load_reference_params
@@ -44,7 +45,7 @@ Examples = dict[str, np.ndarray]  # prompt [N, P], answer [N, A], rejected [N, A
 def held_out(source: Any, num: int = EVAL_PROMPTS) -> Examples:
     """The first ``num`` examples of a task split's random-access source, stacked (int32)."""
     records = source.__getitems__(list(range(min(num, len(source)))))
-    return {k: np.stack([np.asarray(r[k], np.int32) for r in records]) for k in ("prompt", "answer", "rejected")}
+    return {k: stack_records(records, k) for k in ("prompt", "answer", "rejected")}
 
 
 def greedy_accuracy(model: nnx.Module, prompts_NxP: jax.Array, answers_NxA: jax.Array) -> jax.Array:
