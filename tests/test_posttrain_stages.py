@@ -162,13 +162,20 @@ def test_stage_resumes_exactly_after_sigkill(chain, tmp_path, data_dir, stage, p
                        restore_params(configs[stage], workdirs[stage], steps))
 
 
+def lineage_probes(stage):
+    """Probe config of the lineage tests: the root's sequences, and in fine-tuning stages also the
+    held-out task prompts (the second probe view)."""
+    probes = {"last_token": {"type": "representation", "position": "last"}}
+    if stage != "pretrain":
+        probes["task_last_token"] = {"type": "representation", "position": "last", "inputs": "task_prompts"}
+    return ml_collections.ConfigDict({"probe_set": {"num_sequences": 64, "batch_size": 32}, "probes": probes})
+
+
 def test_sweep_over_the_linked_workdirs_gives_one_table_in_stage_order(chain, tmp_path):
     workdirs, _ = chain
-    probes = ml_collections.ConfigDict({"probe_set": {"num_sequences": 64, "batch_size": 32},
-                                        "probes": {"last_token": {"type": "representation", "position": "last"}}})
     order = ["pretrain", "sft", "dpo", "rlvr"]
     for stage in order:
-        assert not sweep(workdirs[stage], probes).skipped
+        assert not sweep(workdirs[stage], lineage_probes(stage)).skipped
     assert lineage_workdirs(workdirs["rlvr"]) == [Path(workdirs[s]).absolute() for s in order]
     table, digest = lineage_results(lineage_workdirs(workdirs["rlvr"]))
     assert list(dict.fromkeys(table["stage"])) == order and table["tokens_seen"].is_monotonic_increasing
@@ -177,12 +184,22 @@ def test_sweep_over_the_linked_workdirs_gives_one_table_in_stage_order(chain, tm
     summary = pd.read_csv(report.summary_path)
     assert report.summary_path == workdirs["rlvr"] / "probes" / "stages.csv"
     assert list(dict.fromkeys(summary["stage"])) == order and set(summary["layer"]) == {0, 1}
+    assert set(summary["probe"]) == {"last_token", "task_last_token"}
+    # The task-prompt view: fine-tuning stages only, each stage
+    # starting where its parent ended (the same parameters on the same held-out prompts).
+    figures = summary.groupby("probe")["layer"].nunique()  # one per probe view and summary layer
+    task = summary[summary["probe"] == "task_last_token"]
+    assert list(dict.fromkeys(task["stage"])) == order[1:]
+    for layer in (0, 1):
+        rows = task[task["layer"] == layer].reset_index(drop=True)
+        np.testing.assert_array_equal(rows["rankme_start"][1:], rows["rankme_end"][:-1])
+    summary = summary[summary["probe"] == "last_token"]
     for layer in (0, 1):  # each stage starts where its parent ended: the same parameters, the same numbers
         rows = summary[summary["layer"] == layer].reset_index(drop=True)
         np.testing.assert_array_equal(rows["rankme_start"][1:], rows["rankme_end"][:-1])
         np.testing.assert_array_equal(rows["alpha_start"][1:], rows["alpha_end"][:-1])
         np.testing.assert_array_equal(rows["start_tokens"][1:], rows["end_tokens"][:-1])
-    assert all(p.exists() for p in report.plots) and len(report.plots) == 2
+    assert all(p.exists() for p in report.plots) and len(report.plots) == figures.sum() >= 3
     # The held-out task metrics per stage: first and last checkpoint of its metrics.jsonl; each stage
     # starts from its parent's last parameters on the same held-out prompts, so with the same numbers.
     stages = summary.drop_duplicates("stage").set_index("stage")
@@ -229,6 +246,33 @@ def _eval_rows(workdir):
     steps = Checkpoints(workdir, read_only=True).all_steps()
     assert steps[0] == 0 and all(s in rows for s in steps), (steps, sorted(rows))
     return steps, rows
+
+
+def test_task_prompt_view_is_the_spectrum_of_the_last_prompt_token(chain):
+    """``task_last_token`` rows equal a float64 numpy RankMe of the final layer's representation at the
+    last token of the held-out prompts; a run without a task refuses the entry in one line."""
+    from entropy_jax.analysis.results import load_results
+
+    workdirs, configs = chain
+    cfg, workdir = configs["sft"], workdirs["sft"]
+    sweep(workdir, lineage_probes("sft"))  # computes only what an earlier sweep left missing
+    with pytest.raises(UserError, match="data.name='markov'.*has none"):
+        sweep(workdirs["pretrain"], lineage_probes("sft"))
+    steps = Checkpoints(workdir, read_only=True).all_steps()
+    table = load_results(workdir)
+    rows = table[(table["probe"] == "task_last_token") & (table["layer"] == 1)]
+    assert sorted(rows["step"].unique()) == steps
+    prompts = _held_out(cfg)["prompt"]
+    assert len(prompts) == min(256, cfg.data.num_val)
+    for step in (steps[0], steps[-1]):
+        _, inter = _restored_model(cfg, workdir, step)(prompts, return_intermediates=True)
+        x = np.asarray(inter["residual"][-1][:, -1], np.float64)  # after the final norm, last prompt token
+        xc = x - x.mean(axis=0)
+        ev = np.clip(np.linalg.eigvalsh(xc.T @ xc)[::-1], 0, None)
+        q = ev / ev.sum() + 1e-7
+        expected = np.exp(-(q * np.log(q)).sum())
+        got = rows[(rows["step"] == step) & (rows["metric"] == "rankme_cov")]["value"].item()
+        np.testing.assert_allclose(got, expected, rtol=1e-4)
 
 
 def _log_softmax64(logits):

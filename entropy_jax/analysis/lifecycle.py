@@ -147,7 +147,8 @@ def stage_summary(table: pd.DataFrame, *, probe: str, layers: list[int] | None =
     out, extra = [], set()
     for (index, run, stage, layer), group in rows.groupby(["stage_index", "run", "stage", "layer"], sort=True):
         wide = group.pivot_table(index=["step", "tokens_seen"], columns="metric", values="value").reset_index()
-        wide = wide.sort_values("step").dropna()
+        # a metric that is NaN throughout (constant representations: no spectrum to fit) leaves no column
+        wide = wide.reindex(columns=["step", "tokens_seen", rankme_metric, "alpha_req"]).sort_values("step").dropna()
         if wide.empty:
             continue
         first, last = wide.iloc[0], wide.iloc[-1]
@@ -173,7 +174,7 @@ def write_stage_summary(summary: pd.DataFrame, workdir: str | Path) -> Path:
 def format_stage_summary(summary: pd.DataFrame) -> str:
     if summary.empty:
         return "no stage has both RankMe and alpha-ReQ rows"
-    geometry = [c for c in SUMMARY_COLUMNS if c not in ("run", "probe")]
+    geometry = [c for c in SUMMARY_COLUMNS if c != "run"]
     text = summary[geometry].to_string(
         index=False, float_format=lambda v: f"{v:.3g}",
         formatters={"rankme_change": lambda v: f"{v:+.1%}", "alpha_change": lambda v: f"{v:+.3f}"})
@@ -271,6 +272,7 @@ def make_lifecycle_figure(table: pd.DataFrame, phase_table: pd.DataFrame | None 
             group = group.sort_values("step")
             ax.plot(group["tokens_seen"], group["value"], "o-", ms=3, color=colour)
         ax.set_xscale(stage_log_scale(bounds))
+        ax.set_xlim(bounds[0][1], bounds[-1][2])  # the scale is defined on the stages' span only
         ax.set_ylabel(label)
     handles = _shade_stages(ax_r, bounds) + _mark_phases(ax_r, phase_table, rows)
     _shade_stages(ax_a, bounds)
@@ -304,28 +306,45 @@ class LifecycleReport:
 
 
 def summary_layers(table: pd.DataFrame, probe: str) -> list[int]:
-    """The final layer (after the final norm) and a middle one of ``probe``."""
-    layers = sorted(int(x) for x in table.loc[table["probe"] == probe, "layer"].unique() if x >= 0)
+    """The final layer (after the final norm) and a middle one of ``probe``, among the layers with a
+    finite alpha-ReQ (a layer of constant representations has no spectrum to draw)."""
+    rows = table[(table["probe"] == probe) & (table["metric"] == "alpha_req") & np.isfinite(table["value"])]
+    layers = sorted(int(x) for x in rows["layer"].unique() if x >= 0)
     return sorted({layers[(len(layers) - 1) // 2], layers[-1]})
+
+
+def task_view_probes(workdirs: list[Path]) -> list[str]:
+    """The representation probes of the lineage's stages that read held-out task prompts
+    (``inputs="task_prompts"``: the second probe view of fine-tuning stages), from their configs."""
+    names = set()
+    for w in workdirs:
+        probes = ((_latest_meta(w) or {}).get("config") or {}).get("probes") or {}
+        names |= {n for n, e in probes.items() if isinstance(e, dict) and e.get("inputs") == "task_prompts"}
+    return sorted(names)
 
 
 def analyse_lineage(workdir: str | Path, *, probe: str | None = None,
                     stages: list[str | Path] | None = None) -> LifecycleReport:
     """Stage summary (``probes/stages.csv``) and lifecycle plots (``plots/lifecycle_*.png``) of the lineage
     ending at ``workdir``, written into ``workdir``; every stage must have been probed. ``stages``: the
-    workdirs to draw, root first, ending at ``workdir`` (default: the whole recorded lineage)."""
+    workdirs to draw, root first, ending at ``workdir`` (default: the whole recorded lineage). Beside
+    ``probe`` (default :func:`default_probe`), the task-prompt view of the fine-tuning stages
+    (:func:`task_view_probes`) gets its rows in the summary and its figures."""
     workdirs = [Path(w).absolute() for w in stages] if stages else lineage_workdirs(workdir)
     table, digest = lineage_results(workdirs)
     probe = probe or default_probe(table)
-    layers = summary_layers(table, probe)
-    phase_tables = []
-    for w in workdirs:
-        train_metrics = load_optional(load_train_metrics, w, "warmup inference")
-        phase_tables.append(ph.detect_phases(load_results(w), train_metrics=train_metrics, probe=probe))
-    phase_table = pd.concat(phase_tables, ignore_index=True)
     evaluations = stage_evaluations(workdirs)
-    summary = stage_summary(table, probe=probe, layers=layers, evaluations=evaluations)
-    out = Workdir(workdir).plots
-    paths = [save_figure(make_lifecycle_figure(table, phase_table, probe=probe, layer=layer, evaluations=evaluations),
-                         out / f"lifecycle_{probe}_layer{layer}.png") for layer in layers]
+    summaries, paths, out = [], [], Workdir(workdir).plots
+    for view in [probe, *(p for p in task_view_probes(workdirs) if p != probe and p in set(table["probe"]))]:
+        layers = summary_layers(table, view)
+        phase_tables = []
+        for w in workdirs:
+            train_metrics = load_optional(load_train_metrics, w, "warmup inference")
+            phase_tables.append(ph.detect_phases(load_results(w), train_metrics=train_metrics, probe=view))
+        phase_table = pd.concat(phase_tables, ignore_index=True)
+        summaries.append(stage_summary(table, probe=view, layers=layers, evaluations=evaluations))
+        paths += [save_figure(make_lifecycle_figure(table, phase_table, probe=view, layer=layer,
+                                                    evaluations=evaluations),
+                              out / f"lifecycle_{view}_layer{layer}.png") for layer in layers]
+    summary = pd.concat(summaries, ignore_index=True)
     return LifecycleReport(workdirs, digest, summary, write_stage_summary(summary, workdir), paths)

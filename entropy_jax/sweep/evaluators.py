@@ -28,10 +28,11 @@ from entropy_jax.probes.diffusion import dse_sample, median_distance
 from entropy_jax.probes.diffusion_slq import EXACT_MAX_SAMPLES, dse_estimate
 from entropy_jax.probes.spectra import spectral_metrics
 from entropy_jax.probes.weights import param_path, weight_spectra
-from entropy_jax.sweep.forward import ATTENTION_METRICS, EXACT_NORMS_KEY, NORM_METHODS, Reads
+from entropy_jax.sweep.forward import ATTENTION_METRICS, EXACT_NORMS_KEY, NORM_METHODS, TASK_PROMPTS, Reads
 from entropy_jax.sweep.table import RowKey
 
 Row = tuple[RowKey, float, str]
+INPUTS = ("probe_set", TASK_PROMPTS)  # what a representation probe reads
 
 
 class ProbeConfigError(UserError, ValueError):
@@ -87,7 +88,9 @@ class Evaluator:
 class Representation(Evaluator):
     """Spectra of the residual stream of every layer (0 = embedding output, L = after the final norm).
 
-    kwargs: ``position`` "last" | "mean"; ``alpha_fit_range`` (0-based [start, stop), None: the
+    kwargs: ``position`` "last" | "mean"; ``inputs`` "probe_set" (default: the lineage root's probe
+    sequences) | "task_prompts" (a fine-tuning stage's held-out task prompts, whose last token is the
+    last prompt token: the task's own manifold); ``alpha_fit_range`` (0-based [start, stop), None: the
     library default). Diffusion spectral entropy (docs/metrics.md), on ``dse_samples`` rows (a
     seeded draw when there are more; 0: no DSE rows): ``dse_bits`` at the median pairwise distance
     (rows ``dse_sigma``, ``dse_n``) and ``dse_bits_sigma<dse_sigma>`` at the fixed width
@@ -104,6 +107,9 @@ class Representation(Evaluator):
         self.position = self.entry.get("position", "last")
         if self.position not in ("last", "mean"):
             self.refuse(f"position={self.position!r}", "must be 'last' or 'mean'")
+        self.inputs = self.entry.get("inputs", "probe_set")
+        if self.inputs not in INPUTS:
+            self.refuse(f"inputs={self.inputs!r}", f"must be one of {', '.join(map(repr, INPUTS))}")
         fit = self.entry.get("alpha_fit_range")
         if fit is not None and not (len(fit) == 2 and 0 <= fit[0] < fit[1]):
             self.refuse(f"alpha_fit_range={tuple(fit)}", "must be (start, stop) with 0 <= start < stop, or None")
@@ -113,6 +119,9 @@ class Representation(Evaluator):
             self.refuse(f"dse_samples={samples!r}", "must be an integer >= 2 (0 = no DSE rows)")
         if not (math.isfinite(sigma) and sigma >= 0):
             self.refuse(f"dse_sigma={sigma}", "must be >= 0 (0 = no diffusion spectral entropy)")
+
+    def reads(self) -> Reads:
+        return Reads(task_prompts=True) if self.inputs == TASK_PROMPTS else Reads(probe_set=True)
 
     def dse_option(self, key: str) -> Any:
         value = self.entry.get(key)
@@ -131,7 +140,7 @@ class Representation(Evaluator):
         return {(self.name, layer, -1, m) for layer in range(self.info.num_layers + 1) for m in self.metrics()}
 
     def run(self, ctx: Context) -> Iterator[Row]:
-        reps_NxLxD = ctx.forward[self.position]
+        reps_NxLxD = ctx.forward[self.position if self.inputs == "probe_set" else f"{TASK_PROMPTS}/{self.position}"]
         for layer in range(reps_NxLxD.shape[1]):
             x = reps_NxLxD[:, layer]
             m = spectral_metrics(x, mesh=ctx.mesh, alpha_fit_range=self.alpha_fit_range)
@@ -281,9 +290,14 @@ def make_evaluators(probes: Mapping[str, Mapping[str, Any]], info: ModelInfo | N
     return out
 
 
-def check_probes(probes: Mapping[str, Mapping[str, Any]]) -> None:
-    """The config check of a ``probes`` section: every entry constructed (cheap), nothing run."""
-    make_evaluators(probes)
+def check_probes(probes: Mapping[str, Mapping[str, Any]], data_name: str | None = None) -> None:
+    """The config check of a ``probes`` section: every entry constructed (cheap), nothing run; with
+    the run's ``data_name``, an entry reading task prompts is refused for a run without a task."""
+    for name, evaluator in make_evaluators(probes).items():
+        if data_name is not None and evaluator.reads().task_prompts and data_name != "tasks":
+            raise ProbeConfigError(f"probes.{name}.inputs={TASK_PROMPTS!r} reads a fine-tuning stage's held-out task "
+                                   f"prompts, but this run trains on data.name={data_name!r}, which has none: drop "
+                                   "the entry, or use it in a stage on data.name='tasks'")
 
 
 def model_info(abstract_params: nnx.State, num_layers: int, num_heads: int) -> ModelInfo:

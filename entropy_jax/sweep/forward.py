@@ -5,6 +5,9 @@ Per example (so padding can be dropped and batches concatenated exactly):
     (index 0 = embedding output, index L = after the final norm),
   * ``predictive_entropy`` / ``predictive_entropy_last``: next-token entropy, mean over
     positions and at the last position (nats),
+  * ``task_prompts/last`` / ``task_prompts/mean``: the same over the stage's held-out task prompts
+    (a pass of its own, over prompts only: ``last`` is the last prompt token, where the answer is
+    read off),
   * ``attention/<metric>`` (a second pass, over the first sequences only): per layer and head,
     the mean over query rows of the measured attention entropy, its normalisation by ln T_i, and
     the Theorem 3.1 bound under three choices of s (:data:`ATTENTION_METRICS`).
@@ -44,6 +47,7 @@ ATTENTION_METRICS = ("attention_entropy", "attention_entropy_normalised",
 # How ||Z||_2 and ||X||_2 in the bounds were taken (NORM_METHODS): "certified" upper bounds
 # (default, products only) or "exact" eigvalsh. Per example: 1.0 = exact, 0.0 = certified.
 EXACT_NORMS_KEY = "attention/exact_norms"
+TASK_PROMPTS = "task_prompts"  # prefix of the task-prompt pass's outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +56,13 @@ class Reads:
 
     ``probe_set``: the pass over every probe sequence (``last``, ``mean``, ``predictive_entropy``,
     ``predictive_entropy_last``).
+    ``task_prompts``: the pass over the stage's held-out task prompts (``task_prompts/last``, ``task_prompts/mean``).
     ``attention_examples``: the attention pass over the first this many sequences (0: none), its
     spectral norms taken by ``attention_norm`` (:data:`NORM_METHODS`; one pass takes one method).
     """
 
     probe_set: bool = False
+    task_prompts: bool = False
     attention_examples: int = 0
     attention_norm: str | None = None
 
@@ -64,8 +70,8 @@ class Reads:
         norms = {self.attention_norm, other.attention_norm} - {None}
         if len(norms) > 1:
             raise ValueError(f"attention norms {sorted(norms)} asked for together: one attention pass takes one")
-        return Reads(self.probe_set or other.probe_set, max(self.attention_examples, other.attention_examples),
-                     next(iter(norms), None))
+        return Reads(self.probe_set or other.probe_set, self.task_prompts or other.task_prompts,
+                     max(self.attention_examples, other.attention_examples), next(iter(norms), None))
 
 
 def union(reads: Iterable[Reads]) -> Reads:
@@ -181,14 +187,21 @@ def _batched(fn, graphdef, state, tokens: np.ndarray, mesh: jax.sharding.Mesh, b
 def probe_forward(
     graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, tokens: np.ndarray,
     mesh: jax.sharding.Mesh, batch_size: int, reads: Reads = Reads(probe_set=True),
+    task_tokens: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The passes ``reads`` asks for over ``tokens`` (M x T): representations and predictive
-    entropies of all sequences (``reads.probe_set``); attention statistics of the first
+    entropies of all sequences (``reads.probe_set``); representations of the held-out task prompts
+    ``task_tokens`` (N x P, ``reads.task_prompts``); attention statistics of the first
     ``reads.attention_examples`` only, the bounds' spectral norms taken as ``reads.attention_norm``
     says: "certified" upper bounds (matrix products, O(T^2) per head and example, the default) or
     "exact" eigenvalues (O(T^3), one LAPACK call at a time)."""
     state = (params, model_state)
     out = _batched(_representations, graphdef, state, tokens, mesh, batch_size) if reads.probe_set else {}
+    if reads.task_prompts:
+        if task_tokens is None:
+            raise ValueError("a task-prompt pass was asked for without task prompts")
+        prompts = _batched(_representations, graphdef, state, task_tokens, mesh, batch_size)
+        out |= {f"{TASK_PROMPTS}/{k}": prompts[k] for k in ("last", "mean")}
     if reads.attention_examples:
         attention = functools.partial(_attention, norm=reads.attention_norm or "certified")
         out |= _batched(attention, graphdef, state, tokens[:reads.attention_examples], mesh, batch_size)

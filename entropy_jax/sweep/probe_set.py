@@ -27,6 +27,7 @@ from entropy_jax.models import ModelConfig, hf
 from entropy_jax.sharding import is_writer
 from entropy_jax.sweep.evaluators import check_probes
 from entropy_jax.sweep.table import ResultsTable
+from entropy_jax.train.task_eval import held_out
 from entropy_jax.workdir import Workdir, atomic_path, check_writable
 
 
@@ -218,11 +219,24 @@ def sweep_probe_set(workdir: Workdir, meta: dict, probe_set: dict, overrides: di
 
 
 
+def task_prompts(meta: dict) -> np.ndarray:
+    """The held-out task prompts of the fine-tuning stage that wrote ``meta``: the first prompts of its
+    task corpus's ``validation`` split, the ones its held-out evaluation answers (int32 N x P; never
+    trained on). They are fixed by the stage's data config, so the stages of a lineage on one task
+    share them. ProbeSetError for a run without a task corpus."""
+    cfg = meta["config"]
+    if cfg["data"].get("name") != "tasks":
+        raise ProbeSetError(f"a probe reads task prompts, but the run trains on data.name={cfg['data'].get('name')!r}, "
+                            "which has none: drop the probe entry with inputs='task_prompts'")
+    corpus = data.load_corpus(ml_collections.ConfigDict(cfg["data"]), cfg["train"]["seq_len"])
+    return held_out(corpus.validation)["prompt"]
+
+
 def check_probe_config(cfg: ml_collections.ConfigDict) -> ProbeSetConfig:
     """The ``probe_set`` and ``probes`` sections of a run config (each probe entry constructed by
     its evaluator, which checks its own kwargs)."""
     probe_set = ProbeSetConfig.from_dict(cfg.probe_set)
-    check_probes(cfg.probes)
+    check_probes(cfg.probes, cfg.data.get("name"))
     return probe_set
 
 
@@ -242,7 +256,7 @@ def check_probe_workdir(value: str | None, probe_config: ml_collections.ConfigDi
     with Checkpoints(workdir.root, read_only=True) as ckpts:
         meta = newest_readable_meta(ckpts, steps)
     if probe_config is not None and probe_config.get("probes") is not None:
-        check_probes(probe_config.probes)
+        check_probes(probe_config.probes, meta["config"]["data"].get("name"))
     _, probe_set, overrides = probe_plan(meta, probe_config)
     check_probe_overrides(meta, overrides)
     source = probe_source(meta)

@@ -37,7 +37,7 @@ from entropy_jax.models import ModelConfig, abstract_model
 from entropy_jax.sharding import fsdp_sharding, is_writer, make_mesh
 from entropy_jax.sweep.evaluators import Context, Evaluator, make_evaluators, model_info
 from entropy_jax.sweep.forward import probe_forward, union
-from entropy_jax.sweep.probe_set import probe_plan, sweep_probe_set
+from entropy_jax.sweep.probe_set import probe_plan, sweep_probe_set, task_prompts
 from entropy_jax.sweep.table import ResultsTable
 from entropy_jax.workdir import Workdir, atomic_path
 
@@ -106,6 +106,8 @@ class Prober:
         self.report = SweepReport(results_path=self.table.path)
         self.tokens, self.probe_set_sha256, self.batch_size = sweep_probe_set(
             self.workdir, meta, probe_set, overrides, self.table)
+        reads_prompts = any(e.reads().task_prompts for e in self.evaluators.values())
+        self.task_tokens = task_prompts(meta) if reads_prompts else None
         self.run_id = meta.get("run_id") or self.workdir.run_id()
         self._stale_steps: set[int] = set()  # their spectra files are replaced, not merged
 
@@ -144,7 +146,8 @@ class Prober:
               todo: dict[str, set], ckpt_hash: str | None = None) -> int:
         """Compute the ``todo`` rows of one checkpoint and append them; returns the rows added."""
         reads = union(self.evaluators[n].reads() for n in todo)  # a pass no evaluator here reads is skipped
-        out = probe_forward(self.graphdef, params, model_state, self.tokens, self.mesh, self.batch_size, reads)
+        out = probe_forward(self.graphdef, params, model_state, self.tokens, self.mesh, self.batch_size, reads,
+                            self.task_tokens)
         ctx = Context(forward=out, params=params, mesh=self.mesh, spectra={})
         base = {"run": self.run_id, "stage": meta["stage"], "step": step, "tokens_seen": meta["tokens_seen"],
                 "ckpt_hash": ckpt_hash or params_hash(params)}

@@ -30,10 +30,11 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 
-def representation_probe(position: str) -> ml_collections.ConfigDict:
-    """Spectra of the residual stream at the last token ("last") or averaged over tokens ("mean")."""
+def representation_probe(position: str, inputs: str = "probe_set") -> ml_collections.ConfigDict:
+    """Spectra of the residual stream at the last token ("last") or averaged over tokens ("mean"), of
+    the probe set's sequences or (``inputs="task_prompts"``, fine-tuning stages) the held-out task prompts."""
     return ml_collections.ConfigDict(dict(
-        type="representation", position=position,
+        type="representation", position=position, inputs=inputs,
         in_training=True,  # also computed by the training process at its probe steps (train.probe_every)
         alpha_fit_range=placeholder(tuple),  # (start, stop) 0-based ranks; None: library default for the width
         # Diffusion spectral entropy (docs/metrics.md): dse_bits at the median pairwise distance of

@@ -60,6 +60,9 @@ def posttrain_config(preset: str, stage: str, split: str) -> ml_collections.Conf
     c.train.end_lr = c.train.lr / 10
     c.train.weight_decay = 0.0
     c.train.loss = ml_collections.ConfigDict(dict(name="next_token", skip_first=0, chunk=0))
+    # The second probe view: the same spectra on the task's held-out prompts (last prompt token), the
+    # task's own manifold, beside the lineage root's probe sequences (the Tracing paper's view).
+    c.probes.task_last_token = pretrain.representation_probe("last", inputs="task_prompts")
     c.checkpoint.dense_until = 512  # every power of two, then every 100 steps and the last
     c.checkpoint.every = 100
     return c
