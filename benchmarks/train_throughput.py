@@ -1,6 +1,7 @@
 """Train-step throughput (tokens/s) and model-FLOPs utilisation for a named shape, against nanoGPT.
 
   python benchmarks/train_throughput.py                      # reference shape + the nanoGPT peer (CPU)
+  python benchmarks/train_throughput.py --shape=tiny --peer=true --steps_per_call=8   # the demo's own loop
   python benchmarks/train_throughput.py --shape=tiny --peer=false
   python benchmarks/train_throughput.py --shape=gpt2-small --dtype=bfloat16 --loss_chunk=128   # a GPU
   python benchmarks/train_throughput.py --profile_dir=/tmp/trace   # also a jax.profiler trace of 3 steps
@@ -43,7 +44,7 @@ from entropy_jax.models.attention import default_query_block
 from entropy_jax.sharding import make_mesh, replicated, shard_batch
 from entropy_jax.train.objective import make_loss
 from entropy_jax.train.optim import make_optimizer, make_schedule
-from entropy_jax.train.step import init_state, make_flat_train_step
+from entropy_jax.train.step import init_state, make_flat_train_block, make_flat_train_step
 
 SHAPES = {  # name: (layers, width, heads, seq_len, batch, vocab)
     "reference": (4, 256, 4, 256, 16, 512),
@@ -85,9 +86,10 @@ def model_flops_per_token(mcfg: ModelConfig) -> float:
 
 class JaxStep:
     """The jitted train step on fixed random batches, on the state's leaves as the training loop
-    runs it (``make_flat_train_step``): ``time_steps(n)`` -> seconds per step."""
+    runs it (``make_flat_train_step``; with ``steps_per_call`` > 1 ``make_flat_train_block``, a
+    ``lax.scan`` over that many batches per call): ``time_steps(n)`` -> seconds per step."""
 
-    def __init__(self, mcfg: ModelConfig, batch: int, loss_chunk: int):
+    def __init__(self, mcfg: ModelConfig, batch: int, loss_chunk: int, steps_per_call: int = 1):
         self.mesh = make_mesh()
         tx = make_optimizer(TRAIN)
         graphdef, params, model_state = init_model(mcfg, seed=0)
@@ -95,20 +97,28 @@ class JaxStep:
         state = jax.device_put(init_state(params, model_state, tx, seed=0), replicated(self.mesh))
         self.state, treedef = jax.tree.flatten(state)
         loss = make_loss({"name": "next_token", **({"chunk": loss_chunk} if loss_chunk else {})})
-        self.step = make_flat_train_step(graphdef, tx, make_schedule(TRAIN), loss, treedef)
+        self.steps_per_call = k = steps_per_call
+        make = make_flat_train_step if k == 1 else make_flat_train_block
+        self.step = make(graphdef, tx, make_schedule(TRAIN), loss, treedef)
         rng = np.random.default_rng(0)
-        tokens = rng.integers(0, mcfg.vocab_size, (4, batch, mcfg.max_len + 1), dtype=np.int32)
-        self.batches = [shard_batch({"inputs": t[:, :-1], "targets": t[:, 1:]}, self.mesh) for t in tokens]
+        tokens = rng.integers(0, mcfg.vocab_size, (4, k, batch, mcfg.max_len + 1), dtype=np.int32)
+        if k == 1:
+            self.batches = [shard_batch({"inputs": t[0, :, :-1], "targets": t[0, :, 1:]}, self.mesh) for t in tokens]
+        else:  # a block of k batches on a leading step axis, the batch axis sharded
+            self.batches = [shard_batch({"inputs": t[..., :-1], "targets": t[..., 1:]}, self.mesh, axis=1)
+                            for t in tokens]
 
     def time_steps(self, steps: int, warmup: int = 2) -> float:
+        """Seconds per optimiser step over ``steps`` steps (rounded up to whole calls)."""
+        calls = -(-steps // self.steps_per_call)
         for i in range(warmup):
             self.state, _ = self.step(self.state, self.batches[i % 4])
         jax.block_until_ready(self.state)
         t0 = time.perf_counter()
-        for i in range(steps):
+        for i in range(calls):
             self.state, m = self.step(self.state, self.batches[i % 4])  # no host sync inside the loop
         jax.block_until_ready(m)
-        return (time.perf_counter() - t0) / steps
+        return (time.perf_counter() - t0) / (calls * self.steps_per_call)
 
     def trace(self, directory: str, steps: int = 3) -> None:
         """A jax.profiler trace (TensorBoard / Perfetto) of ``steps`` steps."""
@@ -190,6 +200,8 @@ def main() -> None:
                    help="time nanoGPT (PyTorch) in the same run; auto: on the reference shape on CPU")
     p.add_argument("--gemm_floor", action="store_true",
                    help="add a row for the step's matrix products alone, each timed by itself in XLA")
+    p.add_argument("--steps_per_call", type=int, default=1,
+                   help="optimiser steps per jitted call (train.steps_per_call: a lax.scan over a block of batches)")
     p.add_argument("--profile_dir", default="", help="also write a jax.profiler trace of 3 steps here")
     args = p.parse_args()
     layers, width, heads, seq, batch, vocab = SHAPES[args.shape]
@@ -197,7 +209,7 @@ def main() -> None:
     batch = max(batch, n_dev) // n_dev * n_dev
     mcfg = ModelConfig(vocab_size=vocab, d_model=width, num_layers=layers, num_heads=heads, max_len=seq,
                        dtype=args.dtype, **MODEL_KWARGS[args.shape])
-    ours = JaxStep(mcfg, batch, args.loss_chunk)
+    ours = JaxStep(mcfg, batch, args.loss_chunk, args.steps_per_call)
     peer = None
     if want_peer(args.peer, args.shape):
         nanogpt = load_peer()
@@ -228,10 +240,11 @@ def print_table(args, mcfg: ModelConfig, ours: JaxStep, peer, times: dict[str, l
     base = statistics.median(times["nanoGPT"]) if times["nanoGPT"] else None
     shape = f"{args.shape} L{mcfg.num_layers} d{mcfg.d_model} h{mcfg.num_heads} T{mcfg.max_len} " \
             f"B{tokens // mcfg.max_len} V{mcfg.vocab_size} {args.dtype}"
+    calls = f", {ours.steps_per_call} steps per call" if ours.steps_per_call > 1 else ""
     print(f"| train step | shape | devices | params | step ms | tokens/s | spread tokens/s | "
           f"model TFLOP/s | peak TFLOP/s ({peak_name}) | MFU | vs nanoGPT |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = [("entropy_jax (JAX, jit)", times["entropy_jax"], f"{n_dev}x {kind}", ours.n_params)]
+    rows = [(f"entropy_jax (JAX, jit{calls})", times["entropy_jax"], f"{n_dev}x {kind}", ours.n_params)]
     if times["floor"]:
         rows.append(("its GEMMs alone (XLA, each timed by itself, summed)", times["floor"], f"1x {kind}",
                      ours.n_params))

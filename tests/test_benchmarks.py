@@ -34,9 +34,11 @@ def test_step_gemms_are_the_models_matmul_flops(shape, causal_fraction):
 def test_benchmark_prints_its_rows_and_writes_a_trace(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--shape=tiny", "--peer=false",
-                          "--steps=1", "--repeats=1", "--gemm_floor", f"--profile_dir={tmp_path}"],
+                          "--steps=1", "--repeats=1", "--steps_per_call=2", "--gemm_floor",
+                          f"--profile_dir={tmp_path}"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 steps per call" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith("| entropy_jax") or
             line.startswith("| its GEMMs alone")]
     assert len(rows) == 2, out.stdout
