@@ -1,8 +1,12 @@
 """Rough edges of the training entry points' input: an unknown stage, two names for one parent."""
 
+import shutil
+
 import pytest
 from conftest import make_test_config
 
+from entropy_jax import train
+from entropy_jax.checkpoint import CheckpointReadError
 from entropy_jax.cli import apply_init_flags
 from entropy_jax.config import RunConfig
 from entropy_jax.errors import UserError
@@ -25,3 +29,20 @@ def test_init_from_flag_and_config_key_must_agree(tmp_path):
     assert (cfg.init_from.workdir, cfg.init_from.step) == (str(tmp_path / "x" / ".." / "y"), 3)
     with pytest.raises(UserError, match="--init_step=5 and --config.init_from.step=3 differ"):
         apply_init_flags(cfg, None, 5)
+
+
+def test_truncated_parent_names_the_step_and_init_step(tiny_run, tmp_path, data_dir):
+    cfg, run, _ = tiny_run
+    parent = tmp_path / "parent"
+    shutil.copytree(run, parent)
+    last = cfg.train.steps
+    for f in (parent / "checkpoints" / str(last) / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 64:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    stage = make_test_config(data_dir, **{"stage": "finetune", "init_from.workdir": str(parent),
+                                          "init_from.step": last})
+    with pytest.raises(CheckpointReadError) as e:
+        train.train(stage, tmp_path / "ft")
+    message = str(e.value)
+    assert f"parent {parent} step {last} cannot be read" in message and "--init_step" in message, message
+    assert len(message) < 400 and "\n" not in message, message
