@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json as jsonlib
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,13 @@ class _Retention(ocp.checkpoint_managers.PreservationPolicy):
     def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
         n = len(checkpoints)
         return [i >= n - self.max_to_keep or c.step in self.protected for i, c in enumerate(checkpoints)]
+
+
+def _gist(e: BaseException, limit: int = 160) -> str:
+    """The readable start of a library error: its first line, without the JSON specs (TensorStore
+    quotes kilobytes of them), cut at ``limit`` characters."""
+    text = re.sub(r"\{.*\}", "{...}", (str(e).strip().splitlines() or [type(e).__name__])[0])
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def saved_steps(workdir: str | Path) -> list[int]:
@@ -168,7 +176,7 @@ class Checkpoints:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax raises many types for damaged files
             raise CheckpointReadError(
-                f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: {e}); "
+                f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: {_gist(e)}); "
                 "it is probably half-written or damaged: delete that step's folder to fall back to "
                 "the previous one"
             ) from e

@@ -227,7 +227,15 @@ def start(argv: list[str]) -> None:
 
 
 def apply_init_flags(cfg, init_from: str | None, init_step: int | None) -> None:
-    """``--init_from`` / ``--init_step`` are ``config.init_from.workdir`` / ``.step``."""
+    """``--init_from`` / ``--init_step`` are ``config.init_from.workdir`` / ``.step``; both forms
+    naming different parents (or steps) is refused, not settled silently."""
+    given = cfg.init_from.workdir
+    if init_from is not None and given and Path(given).expanduser().resolve() != Path(init_from).expanduser().resolve():
+        raise UserError(f"--init_from={init_from} and --config.init_from.workdir={given} name different parents: "
+                        "give one of them")
+    if init_step is not None and cfg.init_from.step not in (-1, init_step):
+        raise UserError(f"--init_step={init_step} and --config.init_from.step={cfg.init_from.step} differ: "
+                        "give one of them")
     if init_from is not None:
         cfg.init_from.workdir = init_from
     if init_step is not None:

@@ -26,6 +26,9 @@ from entropy_jax.errors import UserError, did_you_mean
 from entropy_jax.models import ModelConfig
 from entropy_jax.models.build import ARCHITECTURES
 
+# The stages a checkpoint can be tagged with (a lineage: pretrain, then fine-tuning or post-training).
+STAGES = ("pretrain", "finetune", "sft", "dpo", "rlvr")
+
 C = TypeVar("C")
 
 
@@ -289,8 +292,9 @@ class RunConfig:
         seed, stage = raw.get("seed"), raw.get("stage")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UserError(f"seed={seed!r} must be an integer")
-        if not isinstance(stage, str) or not stage:
-            raise UserError(f"stage={stage!r} must be a name such as 'pretrain' or 'finetune'")
+        if stage not in STAGES:
+            raise UserError(f"stage={stage!r} is not a known stage{did_you_mean(str(stage), STAGES)} "
+                            f"(stages: {', '.join(STAGES)})")
         data, train = DataConfig.from_dict(raw["data"]), TrainConfig.from_dict(raw["train"])
         probe_set = ProbeSetConfig.from_dict(raw["probe_set"])
         _check_data_against_train(data, train, probe_set)

@@ -33,7 +33,7 @@ import jax
 import pandas as pd
 from absl import app, flags
 
-from entropy_jax.checkpoint import Checkpoints, content_hash
+from entropy_jax.checkpoint import Checkpoints, content_hash, saved_steps
 from entropy_jax.cli import start, user_errors
 from entropy_jax.models import hf
 from entropy_jax.models.hf.revisions import PYTHIA_TOKENS_PER_STEP, Revision, download, hub_revisions
@@ -59,6 +59,21 @@ _NUM_SEQUENCES = flags.DEFINE_integer("num_sequences", 1024, "Probe sequences (>
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Probe forward batch (global).")
 _FSDP = flags.DEFINE_bool("fsdp", False, "Shard parameters over the data axis while importing (large models).")
 _WEIGHTS_ONLY = flags.DEFINE_bool("weights_only", False, "Only the weight statistics, straight from the files.")
+
+
+def check_import_workdir(workdir: str | Path) -> None:
+    """Refuse a workdir whose checkpoints were not imported (a native training run's): an import
+    would take its steps for revisions and write its probe set into that run."""
+    wd = Workdir(workdir)
+    steps = saved_steps(wd.root)
+    if not steps:
+        return
+    with Checkpoints(wd.root, read_only=True) as ckpts:
+        meta = ckpts.read_meta(steps[0])
+    if "source" not in meta:
+        raise hf.HFImportError(f"--workdir={wd.root} holds the checkpoints of a native {meta.get('stage', 'training')} "
+                               f"run (run {meta.get('run_id', wd.name)}, steps {steps[0]}..{steps[-1]}), not imported "
+                               "revisions; import into a new --workdir")
 
 
 class Importer:
@@ -129,6 +144,7 @@ def import_folders(folders: list[str], workdir: str | Path, step: int | None = N
                    tokens_per_step: int = PYTHIA_TOKENS_PER_STEP, **probe_kwargs) -> list[int]:
     """Import local revision folders (or cache trees) into ``workdir``; returns the steps written.
     All folders are checked before the first write."""
+    check_import_workdir(workdir)
     revisions = hf.find_revisions(folders, step)
     configs = {str(hf.check_hf_folder(r.folder)) for r in revisions}
     if len(configs) > 1:
@@ -147,6 +163,7 @@ def import_folders(folders: list[str], workdir: str | Path, step: int | None = N
 def import_hub(repo: str, steps: list[int], workdir: str | Path, fsdp: bool = False,
                tokens_per_step: int = PYTHIA_TOKENS_PER_STEP, **probe_kwargs) -> list[int]:
     """Download, import and delete one revision at a time (``steps`` empty: every step* branch)."""
+    check_import_workdir(workdir)
     names = [f"step{s}" for s in steps] if steps else hub_revisions(repo)
     importer, written = None, []
     try:

@@ -50,7 +50,7 @@ _LAYER = flags.DEFINE_integer(
 def check_request(values: list[str], probe: str | None, layer: int | None) -> tuple[list[Path], bool]:
     """The workdirs, each checked, and whether they form one lineage (then its probe sets must agree)."""
     workdirs = [check_plot_request(v, probe, layer) for v in values]
-    if len(set(workdirs)) < len(workdirs):
+    if len({w.resolve() for w in workdirs}) < len(workdirs):  # runs/a and runs/b/../a are one run
         raise UserError(f"a --workdir is given twice ({', '.join(values)}): give each run once")
     lineage = given_lineage(workdirs)
     if lineage:

@@ -38,8 +38,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
     start(argv)
     cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    apply_init_flags(cfg, flags.FLAGS.init_from, flags.FLAGS.init_step)
     with user_errors():
+        apply_init_flags(cfg, flags.FLAGS.init_from, flags.FLAGS.init_step)
         prepare_stage(cfg, workdir)
         result = train_with_probes(cfg, workdir)
     print(summarise_training(result), flush=True)

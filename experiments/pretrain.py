@@ -41,8 +41,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
     start(argv)
     cfg = flags.FLAGS.config
-    apply_init_flags(cfg, flags.FLAGS.init_from, flags.FLAGS.init_step)
     with user_errors():
+        apply_init_flags(cfg, flags.FLAGS.init_from, flags.FLAGS.init_step)
         result = train_with_probes(cfg, flags.FLAGS.workdir)
     print(summarise_training(result), flush=True)
 

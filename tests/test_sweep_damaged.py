@@ -38,7 +38,11 @@ def test_non_finite_parameters_are_recorded_and_skipped(tiny_run, tmp_path):
     assert [s for s, _ in report.skipped] == [last + 1]
     assert "not finite" in report.skipped[0][1] and "final_norm" in report.skipped[0][1]
     table = load_results(work)
-    assert last + 1 not in set(table.step) and last in set(table.step)
+    assert last in set(table.step)
+    diverged = table[table.step == last + 1]  # one row saying why, in place of the probes' rows
+    assert list(diverged.metric) == ["non_finite_arrays"] and list(diverged.probe) == ["checkpoint"]
+    assert list(diverged.value) == [1.0] and diverged.note.iloc[0] == report.skipped[0][1]
+    assert [s for s, _ in sweep(work).skipped] == [last + 1] and len(load_results(work)) == len(table)  # no twin
 
 
 def test_unreadable_newest_metadata_does_not_stop_the_sweep(tiny_run, tmp_path):

@@ -316,7 +316,7 @@ def test_edited_text_corpus_is_refused_on_resume_and_never_mixes_probe_sets(tmp_
         train.train(cfg, workdir)
     assert _steps(workdir) == [0, 1, 2]
     Workdir(workdir).probe_set.unlink()
-    with pytest.raises(ProbeSetError, match="were computed on probe set sha256 .*the corpus changed"):
+    with pytest.raises(ProbeSetError, match="were computed on probe set sha256 .*the probe set changed"):
         sweep(workdir, _probes(cfg))
     assert not Workdir(workdir).probe_set.exists()
 

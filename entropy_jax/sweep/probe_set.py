@@ -176,11 +176,15 @@ def planned_probe_set(workdir: Workdir, source: dict, table: ResultsTable | None
             f"to {workdir.checkpoints}")
     if saved is not None and saved != digest:
         raise ProbeSetError(f"the probe set in {path} (sha256 {saved[:12]}...) differs from the one the run's "
-                            f"data config gives now ({digest[:12]}...); the corpus changed: use a new workdir")
+                            f"config gives now ({digest[:12]}...): the probe set changed (probe_set.num_sequences, "
+                            "or the corpus it is drawn from); to probe on another set, use a new workdir whose "
+                            f"checkpoints/ is a link to {workdir.checkpoints}, or delete {path} and {results} and "
+                            "probe with --config.probe_set... on the empty table")
     if recorded is not None and recorded != digest:
         raise ProbeSetError(f"the rows in {results} were computed on probe set sha256 {recorded[:12]}..., but the "
-                            f"run's corpus now gives {digest[:12]}... (the corpus changed): use a new workdir, or "
-                            f"delete {results} to recompute every row on the new probe set")
+                            f"run's config now gives {digest[:12]}... (the probe set changed: probe_set.num_sequences, "
+                            f"or the corpus it is drawn from): use a new workdir, or delete {results} to recompute "
+                            "every row on the new probe set")
     if recorded is None and table is not None and not table.frame.empty and not path.exists():
         raise ProbeSetError(f"{results} holds rows, but the probe set they were computed on ({path}) is gone and "
                             f"the table does not record it: restore {path}, or delete {results} to recompute")

@@ -165,6 +165,15 @@ class Prober:
         logging.info("probed step %d (%d tokens): %d rows -> %s", step, meta["tokens_seen"], added, self.table.path)
         return added
 
+    def record_non_finite(self, step: int, meta: dict, params: nnx.State, arrays: int, reason: str) -> None:
+        """A ``checkpoint / non_finite_arrays`` row (value: how many parameter arrays hold NaN/Inf,
+        note: why nothing else was probed), so tables and plots show where a run diverged."""
+        row = {"run": self.run_id, "stage": meta["stage"], "step": step, "tokens_seen": meta["tokens_seen"],
+               "ckpt_hash": params_hash(params), "probe": "checkpoint", "layer": -1, "head": -1,
+               "metric": "non_finite_arrays", "value": float(arrays), "note": reason}
+        if is_writer():
+            self.report.rows_added += self.table.append([row], self.probe_set_sha256)
+
 
 @jax.jit
 def _all_finite(leaves: list[jax.Array]) -> jax.Array:
@@ -218,6 +227,7 @@ def _sweep(wd: Workdir, probe_config: ml_collections.ConfigDict | None, mesh: ja
                                   "the run diverged at or before this step; nothing probed")
                         logging.warning("skipping step %d: %s", step, reason)
                         prober.report.skipped.append((step, reason))
+                        prober.record_non_finite(step, step_meta, r["params"], len(bad), reason)
                         continue
                     prober.probe(step, step_meta, r["params"], r["model_state"], todo)
             except CheckpointReadError as e:

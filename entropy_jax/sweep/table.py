@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from entropy_jax.errors import UserError
 from entropy_jax.workdir import Workdir, atomic_path
 
 RESULTS_COLUMNS: tuple[str, ...] = (
@@ -29,16 +30,28 @@ _STR_COLUMNS = ("run", "stage", "ckpt_hash", "probe", "metric", "note")
 _OPTIONAL = {"note": ""}  # columns that tables written by earlier versions lack
 
 try:
-    import pyarrow  # noqa: F401
+    import pyarrow
 
     _PARQUET = True
+    _UNREADABLE: tuple[type[Exception], ...] = (ValueError, pyarrow.ArrowException)
 except ImportError:  # pragma: no cover - pyarrow is an install requirement
     _PARQUET = False
+    _UNREADABLE = (ValueError,)
+
+
+class DamagedTableError(UserError):
+    """A results table that cannot be read (truncated, overwritten): left untouched, to be moved aside."""
 
 
 def _read(path: Path) -> pd.DataFrame:
-    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False,
-                                                                                 na_values={"value": ["", "nan"]})
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
+            path, keep_default_na=False, na_values={"value": ["", "nan"]})
+    except _UNREADABLE as e:  # a truncated or garbage file: say so in one line, touch nothing
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DamagedTableError(f"results table {path} is damaged ({type(e).__name__}: {first}); move it aside "
+                                f"(mv {path} {path}.damaged) and rerun experiments/probe.py, which recomputes "
+                                "it from the checkpoints") from None
     for column, default in _OPTIONAL.items():
         if column not in table.columns:
             table[column] = default

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from entropy_jax import data
-from entropy_jax.checkpoint import Checkpoints, corpus_fingerprint, is_save_step
+from entropy_jax.checkpoint import CheckpointReadError, Checkpoints, corpus_fingerprint, is_save_step
 from entropy_jax.errors import UserError
 from entropy_jax.models import abstract_like, abstract_model, init_model
 from entropy_jax.sharding import is_writer, make_mesh, replicated, shard_batch
@@ -167,8 +167,15 @@ class _Run:
 
     def init_from_parent(self, parent: Parent) -> tuple[TrainState, Lineage]:
         with Checkpoints(parent.workdir, read_only=True) as ckpts:
-            r = ckpts.restore(parent.step, arrays={"params": self.params_target,
-                                                   "model_state": self.model_state_target})
+            try:
+                r = ckpts.restore(parent.step, arrays={"params": self.params_target,
+                                                       "model_state": self.model_state_target})
+            except CheckpointReadError as e:
+                others = [s for s in ckpts.all_steps() if s != parent.step]
+                hint = f" (it has steps {', '.join(map(str, others))})" if others else ""
+                raise CheckpointReadError(
+                    f"parent {parent.workdir} step {parent.step} cannot be read: its files are truncated or "
+                    f"damaged; start from another of its checkpoints with --init_step{hint}") from e
         meta = parent.meta
         logging.info("initialised from %s step %d (stage %s)", parent.workdir.checkpoints, parent.step, meta["stage"])
         state = init_state(r["params"], r["model_state"], self.tx, self.cfg.seed)

@@ -5,12 +5,11 @@ computation and is not implemented is refused by name, never ignored.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from entropy_jax.models.hf.families import family
-from entropy_jax.models.hf.safetensors_io import HFImportError
+from entropy_jax.models.hf.safetensors_io import HFImportError, read_json_object
 from entropy_jax.models.transformer import ModelConfig
 
 
@@ -19,7 +18,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.exists():
         raise HFImportError(f"{folder} has no config.json; point --hf_dir at a model revision folder "
                             "(config.json next to the safetensors files)")
-    return json.loads(path.read_text())
+    return read_json_object(path)
 
 
 def tokenizer_size(folder: Path) -> int | None:
@@ -27,10 +26,15 @@ def tokenizer_size(folder: Path) -> int | None:
     path = Path(folder) / "tokenizer.json"
     if not path.exists():
         return None
-    tok = json.loads(path.read_text())
-    vocab = tok.get("model", {}).get("vocab", {})
-    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
-    ids |= {t["id"] for t in tok.get("added_tokens", [])}
+    tok = read_json_object(path)
+    try:
+        vocab = tok.get("model", {}).get("vocab", {})
+        ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+        ids |= {t["id"] for t in tok.get("added_tokens", [])}
+        if not all(type(i) is int and i >= 0 for i in ids):
+            raise TypeError("token ids must be non-negative integers")
+    except (AttributeError, KeyError, TypeError) as e:
+        raise HFImportError(f"{path} is not a tokenizer.json ({type(e).__name__}: {e}); download it again") from None
     return max(ids) + 1 if ids else None
 
 
@@ -43,7 +47,7 @@ def model_config(hf: dict[str, Any], tokens: int | None = None) -> ModelConfig:
         return fam.config(hf, tokens)
     except KeyError as e:
         raise HFImportError(f"config.json of a {kind} model lacks {e.args[0]!r}") from None
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         if isinstance(e, HFImportError):
             raise
-        raise HFImportError(f"config.json gives an invalid model: {e}") from None
+        raise HFImportError(f"config.json gives an invalid model ({type(e).__name__}: {e})") from None

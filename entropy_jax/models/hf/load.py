@@ -21,7 +21,14 @@ from flax import nnx
 from entropy_jax.models.build import build_model
 from entropy_jax.models.hf.configs import model_config, read_config, tokenizer_size
 from entropy_jax.models.hf.convert import convert
-from entropy_jax.models.hf.safetensors_io import HFImportError, file_sha256, read_tensors, tensor_shapes, weight_files
+from entropy_jax.models.hf.safetensors_io import (
+    HFImportError,
+    file_sha256,
+    iter_tensors,
+    read_tensors,
+    tensor_specs,
+    weight_files,
+)
 from entropy_jax.models.transformer import ModelConfig
 from entropy_jax.sharding import DATA_AXIS, fsdp_sharding, replicated
 
@@ -50,14 +57,19 @@ def _place(abstract: nnx.State, pure: dict, mesh: jax.sharding.Mesh, fsdp: bool)
 
 
 def check_hf_folder(folder: str | Path) -> ModelConfig:
-    """Every refusal :func:`read_hf_checkpoint` would raise, from config.json and the safetensors
-    headers alone (no tensor data read, nothing allocated): the import validates all revisions
-    before it writes anything."""
+    """Every refusal :func:`read_hf_checkpoint` would raise: config.json and the checked safetensors
+    headers (names, shapes, dtypes) first, then the values streamed one tensor at a time (memory
+    bounded by the largest; NaN or inf refused), so the import validates all revisions before it
+    writes anything."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise HFImportError(f"{folder} is not a folder; point --hf_dir at a downloaded model revision")
     hf = read_config(folder)
     cfg = model_config(hf, tokenizer_size(folder))
-    zeros = {n: np.broadcast_to(np.zeros((), np.float32), s) for n, s in tensor_shapes(folder).items()}
+    zeros = {n: np.broadcast_to(np.zeros((), d), s) for n, (d, s) in tensor_specs(folder).items()}
     convert(hf["model_type"], cfg, zeros, where=str(folder))
+    for _ in iter_tensors(folder):
+        pass
     return cfg
 
 

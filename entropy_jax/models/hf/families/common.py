@@ -36,7 +36,12 @@ class TensorSource:
             self.problems.append(f"missing {name} {shape}")
             return np.zeros(shape, np.float32)
         self.used.add(name)
-        a = np.asarray(self.tensors[name], dtype=np.float32)  # no copy for float32 (or zero-stride) inputs
+        stored = np.asarray(self.tensors[name])
+        if not np.issubdtype(stored.dtype, np.floating):  # never cast an integer or boolean tensor silently
+            self.problems.append(f"{name} has dtype {stored.dtype}, a weight must be floating point "
+                                 "(float32, float16, bfloat16 or float64)")
+            return np.zeros(shape, np.float32)
+        a = np.asarray(stored, dtype=np.float32)  # no copy for float32 (or zero-stride) inputs
         if a.shape != tuple(shape):
             self.problems.append(f"{name} has shape {a.shape}, the config implies {tuple(shape)}")
             return np.zeros(shape, np.float32)
