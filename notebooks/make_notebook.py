@@ -105,9 +105,9 @@ else:
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    """The notebook, with a python3 kernelspec and no outputs."""
-    cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
+def build(cells_source: list[tuple[str, str]] | None = None) -> nbformat.NotebookNode:
+    """The notebook of ``cells_source`` (default this one's cells), with a python3 kernelspec and no outputs."""
+    cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells_source or CELLS]
     notebook = new_notebook(cells=cells)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook.metadata["language_info"] = {"name": "python"}

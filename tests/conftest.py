@@ -110,8 +110,9 @@ def tiny_run(tmp_path_factory, data_dir):
     return cfg, workdir, result
 
 
-def execute_notebook(workdir, monkeypatch) -> None:
-    """Run notebooks/phase_trajectories.ipynb top to bottom against ``workdir``; fail on any error cell."""
+def execute_notebook(workdir, monkeypatch, name: str = "phase_trajectories.ipynb", env: dict | None = None,
+                     timeout: int = 120) -> None:
+    """Run notebooks/``name`` top to bottom against ``workdir`` (and ``env``); fail on any error cell."""
     import os
 
     nbformat = pytest.importorskip("nbformat")
@@ -121,10 +122,12 @@ def execute_notebook(workdir, monkeypatch) -> None:
         pytest.skip("no python3 jupyter kernel available")
     monkeypatch.setenv("ENTROPY_JAX_WORKDIR", str(workdir))
     monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    path = REPO / "notebooks" / "phase_trajectories.ipynb"
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, str(value))
+    path = REPO / "notebooks" / name
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
-    nbclient.NotebookClient(notebook, kernel_name="python3", timeout=120,
+    nbclient.NotebookClient(notebook, kernel_name="python3", timeout=timeout,
                             resources={"metadata": {"path": str(path.parent)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

@@ -120,7 +120,7 @@ def _break(kind, folder):
     if kind == "no_config":
         (folder / "config.json").unlink()
     elif kind in ("model_type", "rope_scaling", "rope_type", "activation"):
-        cfg.update({"model_type": {"model_type": "llama"}, "rope_scaling": {"rope_scaling": {"type": "linear"}},
+        cfg.update({"model_type": {"model_type": "mamba"}, "rope_scaling": {"rope_scaling": {"type": "linear"}},
                     "rope_type": {"rope_parameters": {"rope_type": "yarn"}},
                     "activation": {"hidden_act": "swiglu"}}[kind])
         (folder / "config.json").write_text(json.dumps(cfg))
@@ -139,7 +139,7 @@ def _break(kind, folder):
 
 
 REFUSALS = {
-    "no_config": "has no config.json", "model_type": "model_type='llama' is not supported",
+    "no_config": "has no config.json", "model_type": "model_type='mamba' is not supported",
     "rope_scaling": "rope_scaling=", "rope_type": "rope_type='yarn' is not supported",
     "activation": "hidden_act='swiglu' is not supported", "missing": "missing gpt_neox.layers.1.mlp.dense_h_to_4h.bias",
     "extra": "unexpected tensors ['gpt_neox.layers.2.mlp.dense_h_to_4h.bias']",

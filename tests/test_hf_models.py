@@ -1,9 +1,11 @@
-"""Hugging Face GPT-NeoX (Pythia) and GPT-2 weights in the NNX Transformer: exact against transformers
-(reference outputs committed by tests/fixtures/make_hf_fixtures.py) and against an independent
-float64 numpy forward; both config.json dialects, bfloat16 files, FSDP placement, padding rows."""
+"""Hugging Face GPT-NeoX (Pythia), GPT-2, Llama, OLMo-2, Qwen2 and Mistral weights in the NNX
+Transformer: exact against transformers (reference outputs committed by
+tests/fixtures/make_hf_fixtures.py) and against an independent float64 numpy forward; both
+config.json dialects, bfloat16 files, FSDP placement, padding rows, refusals."""
 
 import functools
 import json
+import re
 import shutil
 import struct
 
@@ -21,7 +23,8 @@ from entropy_jax.probes import weight_spectra
 from entropy_jax.sharding import make_mesh
 
 FIXTURES = REPO / "tests" / "testdata" / "hf"
-MODELS = ("gpt_neox", "gpt2")
+LLAMA_SHAPED = ("llama", "olmo2", "qwen2", "mistral")
+MODELS = ("gpt_neox", "gpt2", *LLAMA_SHAPED)
 
 
 def _hf_tensors(folder):
@@ -75,6 +78,72 @@ def test_matches_numpy_float64_within_1e_5(outputs):
         name = "gpt_neox.layers.0.attention.query_key_value.weight"
         w[name] = w[name].reshape(3, -1, w[name].shape[1]).transpose(1, 0, 2).reshape(w[name].shape)
         assert np.abs(numpy_forward(cfg, w, ref["tokens"])[0] - np_logits).max() > 1e-2
+    if cfg["model_type"] == "llama":  # the llama3 scaling changes the fixture's numbers
+        plain = {**cfg, "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}}
+        assert np.abs(numpy_forward(plain, _hf_tensors(folder), ref["tokens"])[0] - np_logits).max() > 1e-2
+
+
+@pytest.mark.parametrize("model_type", LLAMA_SHAPED)
+def test_hub_config_dialect_is_the_same_model(model_type):
+    """The older dialect (top-level rope_theta, rope_scaling) maps to the same ModelConfig as the
+    transformers-5 rope_parameters, and the independent reference agrees on both."""
+    folder = FIXTURES / model_type
+    new, old = (json.loads((folder / name).read_text()) for name in ("config.json", "hub_config.json"))
+    assert "rope_parameters" in new and "rope_parameters" not in old and "rope_theta" in old
+    assert hf.model_config(old, 90) == hf.model_config(new, 90)
+    tokens, tensors = np.load(folder / "reference.npz")["tokens"], _hf_tensors(folder)
+    np.testing.assert_array_equal(numpy_forward(old, tensors, tokens)[0], numpy_forward(new, tensors, tokens)[0])
+
+
+def test_family_switches():
+    """What each family's config.json sets: GQA, head_dim, rope scaling, QK-norm, norm placement, biases."""
+    cfg = {t: hf.model_config(json.loads((FIXTURES / t / "config.json").read_text()), 90) for t in LLAMA_SHAPED}
+    assert all((c.kv_heads, c.d_head, c.activation, c.norm) == ((1 if t == "mistral" else 2), 6, "swiglu", "rmsnorm")
+               for t, c in cfg.items())
+    assert (cfg["llama"].rope_scaling, cfg["llama"].rope_factor, cfg["llama"].rope_original_max_len) == ("llama3", 4, 8)
+    assert (cfg["llama"].attention_bias, cfg["llama"].mlp_bias, cfg["llama"].vocab_padding) == (True, True, 6)
+    assert (cfg["olmo2"].qk_norm, cfg["olmo2"].norm_placement) == (True, "sublayer_post")
+    assert (cfg["qwen2"].attention_bias, cfg["qwen2"].attention_out_bias, cfg["qwen2"].tie_embeddings) == (True, False,
+                                                                                                           True)
+    assert (cfg["mistral"].rope_scaling, cfg["mistral"].rope_factor, cfg["mistral"].max_len) == ("linear", 2.0, 16)
+    assert all(not c.qk_norm for t, c in cfg.items() if t != "olmo2")
+    dynamic = json.loads((FIXTURES / "olmo2" / "config.json").read_text())
+    dynamic["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0}
+    assert hf.model_config(dynamic, 90) == cfg["olmo2"]  # equal to default within max_position_embeddings
+
+
+REFUSED = {  # family, config.json change, the line
+    "yarn": ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},
+             "rope_type='yarn' is not supported"),
+    "partial_rotary": ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                     "partial_rotary_factor": 0.5}},
+                       "partial_rotary_factor=0.5 is not supported"),
+    "gelu": ("olmo2", {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported for olmo2"),
+    "pretraining_tp": ("llama", {"pretraining_tp": 2}, "pretraining_tp=2 is not supported"),
+    "sliding_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 8},
+                       "use_sliding_window=True (sliding-window attention) is not supported for qwen2"),
+    "per_layer_rope": ("mistral", {"rope_parameters": {"full_attention": {"rope_type": "default"}}},
+                       "rope_parameters per layer type"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_unsupported_options_are_refused_by_name(kind):
+    model_type, change, line = REFUSED[kind]
+    cfg = {**json.loads((FIXTURES / model_type / "config.json").read_text()), **change}
+    with pytest.raises(hf.HFImportError, match=re.escape(line)):
+        hf.model_config(cfg, 90)
+
+
+def test_bfloat16_olmo2_files_read_exactly():
+    """OLMo-2's fixture stores bfloat16: widened bit-exactly to float32, no float64 step."""
+    folder = FIXTURES / "olmo2"
+    header = hf.safetensors_io.read_header(folder / "model.safetensors")
+    assert {e["dtype"] for e in header.values()} == {"BF16"}
+    tensors = hf.read_tensors(folder)
+    w = tensors["model.layers.0.self_attn.q_norm.weight"]
+    assert w.dtype == np.float32 and w.shape == (24,)
+    np.testing.assert_array_equal(w, w.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def test_transformers5_config_dialect_and_lm_head_name(tmp_path):

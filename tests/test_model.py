@@ -91,6 +91,9 @@ NATIVE = {
     "learned_relu_tied_biases": {"activation": "relu", "tie_embeddings": True, "attention_bias": True, "d_ff": 40},
     "partial_rope_parallel_padding": {"positions": "rope", "rotary_fraction": 0.5, "parallel_residual": True,
                                       "activation": "gelu_exact", "mlp_bias": False, "vocab_padding": 3},
+    "gqa_head_dim_swiglu_qk_norm_sublayer_post": {"positions": "rope", "norm": "rmsnorm", "activation": "swiglu",
+                                                  "num_kv_heads": 1, "head_dim": 6, "qk_norm": True,
+                                                  "norm_placement": "sublayer_post", "d_ff": 24},
 }
 SWITCH_SETS = [*(f"native:{n}" for n in NATIVE), *(f"family:{t}" for t in sorted(hf.families.FAMILIES))]
 P_LEN, ANSWER = 5, 4

@@ -82,8 +82,8 @@ def tokens():
 
 def test_the_dummy_family_is_registered_and_named_in_refusals():
     assert hf.families.FAMILIES["dummy_gpt"].config is dummy_family.config
-    with pytest.raises(hf.HFImportError, match="model_type='llama' is not supported; supported: .*dummy_gpt"):
-        hf.model_config({"model_type": "llama"})
+    with pytest.raises(hf.HFImportError, match="model_type='mamba' is not supported; supported: .*dummy_gpt"):
+        hf.model_config({"model_type": "mamba"})
 
 
 def test_imported_logits_equal_numpy_float64(weights, tokens, tmp_path):

@@ -22,7 +22,6 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.scale import FuncScale
 
 from entropy_jax.analysis import phases as ph
 from entropy_jax.analysis.plots import save_figure
@@ -196,40 +195,37 @@ def _stage_bounds(table: pd.DataFrame) -> list[tuple[str, int, int, int]]:
     return bounds
 
 
-def stage_log_scale(bounds: list[tuple[str, int, int, int]]) -> FuncScale:
-    """Cumulative tokens -> position: stage i fills [i, i + 1) with ``log(1 + (tokens - start) / gap)``,
-    ``gap`` its first checkpoint spacing (a symlog per stage: its first step is as visible as the rest)."""
-    xs, us = [], []
-    for i, (_, lo, hi, gap) in enumerate(bounds):
-        span = np.log1p(max(hi - lo, 1) / gap)
-        grid = lo + gap * np.expm1(np.linspace(0.0, span, 200))
-        xs.append(grid)
-        us.append(i + np.log1p((grid - lo) / gap) / span * 0.999)
-    x, u = np.concatenate(xs), np.concatenate(us)
-    x, keep = np.unique(x, return_index=True)
-    u = np.maximum.accumulate(u[keep])
-    return FuncScale(None, (lambda v: np.interp(v, x, u), lambda v: np.interp(v, u, x)))
+def stage_position(bounds: list[tuple[str, int, int, int]], i: int, tokens) -> np.ndarray:
+    """Cumulative tokens of stage ``i`` -> axis position: the stage fills [i, i + 1) with
+    ``log(1 + (tokens - start) / gap)``, ``gap`` its first checkpoint spacing (a symlog per stage:
+    its first step is as visible as the rest). A stage of one checkpoint (a published stage
+    imported without its token count) sits at i, so stages at equal tokens stay apart."""
+    _, lo, hi, gap = bounds[i]
+    span = np.log1p(max(hi - lo, 1) / gap)
+    return i + np.log1p((np.asarray(tokens, dtype=float) - lo) / gap) / span * 0.999
 
 
 def _shade_stages(ax: Axes, bounds: list[tuple[str, int, int, int]]) -> list[Patch]:
     handles = {}
-    for stage, lo, hi, _ in bounds:
+    for i, (stage, _, _, _) in enumerate(bounds):
         colour = STAGE_COLOURS.get(stage, "tab:gray")
-        ax.axvspan(lo, max(hi, lo + 1), color=colour, alpha=0.12, lw=0)
+        ax.axvspan(i, i + 1, color=colour, alpha=0.12, lw=0)
         handles[stage] = Patch(color=colour, alpha=0.3, label=f"stage {stage}")
     return list(handles.values())
 
 
-def _mark_phases(ax: Axes, phase_table: pd.DataFrame | None, table: pd.DataFrame) -> list[Patch]:
-    """Each stage's labelled phases as bars along the bottom of ``ax`` (tokens from the phase table)."""
+def _mark_phases(ax: Axes, phase_table: pd.DataFrame | None, bounds: list, index: dict) -> list[Patch]:
+    """Each stage's labelled phases as bars along the bottom of ``ax`` (``index``: (run, stage) -> stage)."""
     if phase_table is None or phase_table.empty:
         return []
     drawn = {}
     for row in phase_table.itertuples():
         colour = {ph.WARMUP: "tab:orange", ph.ENTROPY_SEEKING: "tab:green",
                   ph.COMPRESSION_SEEKING: "tab:purple"}.get(row.phase)
-        if colour is not None:
-            ax.axvspan(row.start_tokens, row.end_tokens, ymin=0.0, ymax=0.05, color=colour, lw=0)
+        i = index.get((row.run, row.stage))
+        if colour is not None and i is not None:
+            ax.axvspan(*stage_position(bounds, i, [row.start_tokens, row.end_tokens]), ymin=0.0, ymax=0.05,
+                       color=colour, lw=0)
             drawn[row.phase] = Patch(color=colour, label=f"phase {row.phase}")
     return list(drawn.values())
 
@@ -238,14 +234,15 @@ EVAL_LABELS = {"eval_accuracy": "held-out accuracy", "eval_accuracy_ood": "held-
                "eval_reward_accuracy": "held-out DPO reward accuracy", "pass_at_k": "held-out pass@k (RLVR)"}
 
 
-def _plot_evaluations(ax: Axes, evaluations: list[pd.DataFrame]) -> None:
+def _plot_evaluations(ax: Axes, evaluations: list[pd.DataFrame], bounds: list) -> None:
     """The stages' held-out task metrics (shares of prompts, 0 to 1) against cumulative tokens."""
     for i, metric in enumerate(EVAL_LABELS):
         label = EVAL_LABELS[metric]
-        for rows in evaluations:
-            if metric in rows.columns:
+        for stage, rows in enumerate(evaluations):
+            if metric in rows.columns and stage < len(bounds):
                 curve = rows[["tokens_seen", metric]].dropna()
-                ax.plot(curve["tokens_seen"], curve[metric], "s-", ms=3, color=f"C{i}", label=label)
+                ax.plot(stage_position(bounds, stage, curve["tokens_seen"]), curve[metric], "s-", ms=3,
+                        color=f"C{i}", label=label)
                 label = None  # one legend entry per metric
     ax.set_ylim(-0.05, 1.05)
     ax.set_ylabel("share of held-out prompts")
@@ -263,28 +260,32 @@ def make_lifecycle_figure(table: pd.DataFrame, phase_table: pd.DataFrame | None 
         raise ValueError(f"no rows for probe {probe!r} at layer {layer}")
     if phase_table is not None and not phase_table.empty:
         phase_table = phase_table[(phase_table["probe"] == probe) & (phase_table["layer"] == layer)]
-    tasks = [e for e in evaluations or [] if len(e)]
+    index = {k: i for i, k in enumerate(rows.groupby(["stage_index"], sort=True).first()
+                                       .set_index(["run", "stage"]).index)}
+    stage_of = {si: i for i, si in enumerate(sorted(rows["stage_index"].unique()))}
+    # the evaluations of the stages this probe has rows in (the task view: fine-tuning stages only)
+    tasks = [evaluations[si] for si in stage_of if si < len(evaluations)] if evaluations else []
+    tasks = tasks if any(len(e) for e in tasks) else []
     fig = Figure(figsize=(10, 9 if tasks else 6.5), layout="constrained")
     ax_r, ax_a, *ax_e = fig.subplots(3 if tasks else 2, 1, sharex=True)
     for ax, metric, colour, label in ((ax_r, rankme_metric, "tab:blue", f"RankMe, {rankme_metric} (effective rank)"),
                                       (ax_a, "alpha_req", "tab:red", "alpha-ReQ (power-law exponent)")):
-        for _, group in rows[rows["metric"] == metric].groupby("stage_index", sort=True):  # never joined across
+        for stage_index, group in rows[rows["metric"] == metric].groupby("stage_index", sort=True):  # never joined
             group = group.sort_values("step")
-            ax.plot(group["tokens_seen"], group["value"], "o-", ms=3, color=colour)
-        ax.set_xscale(stage_log_scale(bounds))
-        ax.set_xlim(bounds[0][1], bounds[-1][2])  # the scale is defined on the stages' span only
+            ax.plot(stage_position(bounds, stage_of[stage_index], group["tokens_seen"]), group["value"], "o-", ms=3,
+                    color=colour)
         ax.set_ylabel(label)
-    handles = _shade_stages(ax_r, bounds) + _mark_phases(ax_r, phase_table, rows)
+    handles = _shade_stages(ax_r, bounds) + _mark_phases(ax_r, phase_table, bounds, index)
     _shade_stages(ax_a, bounds)
-    _mark_phases(ax_a, phase_table, rows)
+    _mark_phases(ax_a, phase_table, bounds, index)
     for ax in ax_e:
-        _plot_evaluations(ax, tasks)
-        ax.set_xscale(stage_log_scale(bounds))
+        _plot_evaluations(ax, tasks, bounds)
         _shade_stages(ax, bounds)
-    ticks = sorted({lo for _, lo, _, _ in bounds} | {bounds[-1][2]})
+    ticks = [(i, lo) for i, (_, lo, _, _) in enumerate(bounds)] + [(len(bounds) - 0.001, bounds[-1][2])]
     bottom = ax_e[-1] if ax_e else ax_a
-    bottom.set_xticks(ticks, [f"{t / 1e6:.3g}M" if t >= 1e6 else f"{t:,}" for t in ticks])
-    bottom.set_xlabel("cumulative tokens seen (stage boundaries marked; each stage on its own log scale)")
+    bottom.set_xlim(0, len(bounds))
+    bottom.set_xticks([u for u, _ in ticks], [f"{t / 1e6:.3g}M" if t >= 1e6 else f"{t:,}" for _, t in ticks])
+    bottom.set_xlabel("cumulative tokens seen at each stage's start (each stage on its own log scale)")
     ax_r.legend(handles=handles, loc="best", fontsize="small")
     ax_r.set_title(f"Representation geometry across stages: probe {probe}, layer {layer}")
     return fig

@@ -13,20 +13,48 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def rope_frequencies(dims: int, base: float = 10_000.0, scaling: str = "none", factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_len: int = 0) -> np.ndarray:
+    """Rotary angular frequencies ``base^(-2i/dims)``, i < dims/2, float32, with a context scaling.
+
+    ``linear`` (position interpolation, Chen et al. 2023): every frequency divided by ``factor``.
+    ``llama3`` (Llama 3.1, Meta 2024): with wavelengths ``2 pi / f`` and ``L`` the original context
+    length, frequencies of wavelength above ``L / low_freq_factor`` are divided by ``factor``, below
+    ``L / high_freq_factor`` kept, and in between interpolated,
+    ``(1 - s) f / factor + s f`` with ``s = (L / wavelength - low) / (high - low)``.
+    Computed in float64, then rounded once to float32.
+    """
+    freqs = base ** (-np.arange(0, dims // 2, dtype=np.float64) * 2 / dims)
+    if scaling == "linear":
+        freqs = freqs / factor
+    elif scaling == "llama3":
+        wavelen = 2 * np.pi / freqs
+        smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        banded = np.where(wavelen > original_max_len / low_freq_factor, freqs / factor, freqs)
+        medium = (wavelen >= original_max_len / high_freq_factor) & (wavelen <= original_max_len / low_freq_factor)
+        freqs = np.where(medium, (1 - smooth) * banded / factor + smooth * banded, banded)
+    elif scaling != "none":
+        raise ValueError(f"rope scaling {scaling!r} is not one of 'none', 'linear', 'llama3'")
+    return freqs.astype(np.float32)
 
 
 def rotary(x_BxTxHxK: jax.Array, base: float = 10_000.0, dims: int | None = None,
-           positions_T: jax.Array | None = None) -> jax.Array:
+           positions_T: jax.Array | None = None, freqs: np.ndarray | None = None) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), rotate-half form, on the first ``dims`` entries
     of the last axis (default all; GPT-NeoX rotates a fraction and passes the rest through), at
-    absolute ``positions_T`` (default ``0 .. T-1``; decoding passes the positions of new tokens)."""
+    absolute ``positions_T`` (default ``0 .. T-1``; decoding passes the positions of new tokens),
+    with angular frequencies ``freqs`` (default :func:`rope_frequencies` of ``dims`` and ``base``)."""
     dims = x_BxTxHxK.shape[-1] if dims is None else dims
     if dims < x_BxTxHxK.shape[-1]:
-        rotated = rotary(x_BxTxHxK[..., :dims], base, positions_T=positions_T)
+        rotated = rotary(x_BxTxHxK[..., :dims], base, positions_T=positions_T, freqs=freqs)
         return jnp.concatenate([rotated, x_BxTxHxK[..., dims:]], axis=-1)
     t, k = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1]
     positions_T = jnp.arange(t, dtype=jnp.float32) if positions_T is None else positions_T.astype(jnp.float32)
-    freqs = base ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2 / k)
+    freqs = base ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2 / k) if freqs is None else jnp.asarray(freqs)
     angles = positions_T[:, None] * freqs[None, :]  # T x K/2
     cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
     x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
@@ -36,8 +64,10 @@ def rotary(x_BxTxHxK: jax.Array, base: float = 10_000.0, dims: int | None = None
 
 def attention_logits(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array) -> jax.Array:
     """Pre-softmax causal logits ``q k^T / sqrt(d_head)``, ``BxHxTxT`` float32, masked entries at the
-    most negative finite float32 (softmax gives exact zeros, no NaNs): what the probes read."""
+    most negative finite float32 (softmax gives exact zeros, no NaNs): what the probes read. With
+    fewer key heads than query heads (grouped-query attention), one logit matrix per query head."""
     t, d_head = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
+    k_BxTxHxK = repeat_kv(k_BxTxHxK, q_BxTxHxK.shape[2])
     logits_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK).astype(jnp.float32) / jnp.sqrt(d_head)
     causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
     return jnp.where(causal_TxT, logits_BxHxTxT, jnp.finfo(jnp.float32).min)
@@ -47,7 +77,14 @@ def explicit_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: ja
     """Causal softmax attention written out, ``softmax(attention_logits) v``: the reference that
     :func:`fused_attention` is tested against."""
     probs = jax.nn.softmax(attention_logits(q_BxTxHxK, k_BxTxHxK), axis=-1).astype(v_BxTxHxK.dtype)
-    return jnp.einsum("bhqs,bshk->bqhk", probs, v_BxTxHxK)
+    return jnp.einsum("bhqs,bshk->bqhk", probs, repeat_kv(v_BxTxHxK, q_BxTxHxK.shape[2]))
+
+
+def repeat_kv(x_BxTxGxK: jax.Array, num_heads: int) -> jax.Array:
+    """G key/value heads shared by ``num_heads`` query heads: query head h reads head
+    ``h // (num_heads / G)`` (grouped-query attention, Ainslie et al. 2023; transformers' ``repeat_kv``)."""
+    groups = x_BxTxGxK.shape[2]
+    return x_BxTxGxK if groups == num_heads else jnp.repeat(x_BxTxGxK, num_heads // groups, axis=2)
 
 
 def attend_from(q_BxSxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,

@@ -19,11 +19,16 @@ the prompt, then one token per step.
 Probes read weights through methods (:meth:`Transformer.query_key_kernels`), never through
 module attribute paths.
 
-Switches for published architectures (GPT-2, GPT-NeoX/Pythia; see entropy_jax.models.families), each
-off by default so that a config saved before it existed means what it meant: attention and MLP
-biases, the LayerNorm epsilon and exact two-pass variance, a parallel residual, rotary on the
-first fraction of each head's dims with a configurable base, exact (erf) GELU, and embedding
-rows beyond the tokenizer held as model state rather than parameters.
+Switches for published architectures (GPT-2, GPT-NeoX/Pythia, Llama, OLMo-2, Qwen2, Mistral; see
+entropy_jax.models.hf.families), each off by default so that a config saved before it existed means
+what it meant: attention and MLP biases (W_O's apart, for Qwen2), the LayerNorm epsilon and exact
+two-pass variance, a parallel residual, rotary on the first fraction of each head's dims with a
+configurable base and Llama's scalings (``linear``, ``llama3``), exact (erf) GELU, embedding rows
+beyond the tokenizer held as model state rather than parameters, grouped-query attention
+(``num_kv_heads``), an explicit ``head_dim``, the SwiGLU MLP (``activation="swiglu"``:
+``down(silu(gate(x)) * up(x))``), QK-norm (RMSNorm over the whole query and key projections,
+before the head split and rotary; OLMo-2) and ``norm_placement="sublayer_post"`` (OLMo-2: each
+branch ends in its norm, ``x + norm(attn(x))``, no norm before).
 """
 
 from __future__ import annotations
@@ -35,15 +40,27 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from entropy_jax.models.attention import KVCache, LayerCache, attend_from, attention_logits, fused_attention, rotary
+from entropy_jax.models.attention import (
+    KVCache,
+    LayerCache,
+    attend_from,
+    attention_logits,
+    fused_attention,
+    rope_frequencies,
+    rotary,
+)
 
 # "gelu" is the tanh approximation (GPT-2's gelu_new); "gelu_exact" the erf form (GPT-NeoX's gelu).
 ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
                "relu": jax.nn.relu, "silu": jax.nn.silu}
+GATED = {"swiglu": jax.nn.silu}  # gated MLPs: down(act(gate(x)) * up(x)) (Shazeer 2020)
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
+NORM_PLACEMENTS = ("pre", "sublayer_post")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +88,35 @@ class ModelConfig:
     rotary_fraction: float = 1.0  # rope: rotate the first int(d_head * fraction) dims of each head
     rotary_base: float = 10_000.0  # rope: frequencies base^(-2i/rotary_dims)
     vocab_padding: int = 0  # rows beyond the tokenizer: model state, not parameters (out of weight spectra)
+    num_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: num_heads
+    head_dim: int = 0  # per-head width; 0: d_model // num_heads
+    qk_norm: bool = False  # RMSNorm over the whole q and k projections, before the head split and rotary
+    norm_placement: str = "pre"  # "pre": x + f(norm(x)); "sublayer_post": x + norm(f(x)) (OLMo-2)
+    attention_out_bias: bool = True  # with attention_bias: W_O's bias too (Qwen2: biases on W_Q, W_K, W_V only)
+    rope_scaling: str = "none"  # "none" | "linear" (frequencies / factor) | "llama3" (Llama 3.1's banded scaling)
+    rope_factor: float = 1.0  # linear, llama3: the scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
+    rope_original_max_len: int = 0  # llama3: the context length of the unscaled pretraining
 
     def __post_init__(self):
-        if self.d_model % self.num_heads:
+        if not self.head_dim and self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         for name, value, allowed in (
             ("positions", self.positions, POSITIONS),
             ("norm", self.norm, NORMS),
-            ("activation", self.activation, tuple(ACTIVATIONS)),
+            ("activation", self.activation, (*ACTIVATIONS, *GATED)),
+            ("norm_placement", self.norm_placement, NORM_PLACEMENTS),
+            ("rope_scaling", self.rope_scaling, ROPE_SCALINGS),
         ):
             if value not in allowed:
                 raise ValueError(f"model.{name}={value!r} is not one of {allowed}")
+        if self.rope_scaling == "llama3" and not (self.rope_original_max_len > 0
+                                                  and self.rope_high_freq_factor > self.rope_low_freq_factor > 0):
+            raise ValueError("model.rope_scaling='llama3' needs rope_original_max_len > 0 and "
+                             "rope_high_freq_factor > rope_low_freq_factor > 0")
         if self.positions == "rope" and (self.rotary_dims < 2 or self.rotary_dims % 2):
             raise ValueError(f"model.rotary_fraction={self.rotary_fraction} gives {self.rotary_dims} rotary dims of "
                              f"d_head={self.d_head}; it must give an even number >= 2")
@@ -90,7 +125,18 @@ class ModelConfig:
 
     @property
     def d_head(self) -> int:
-        return self.d_model // self.num_heads
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: query head h reads key/value head ``h // (num_heads // kv_heads)``."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def rotary_frequencies(self) -> np.ndarray:
+        """The rotary angular frequencies (float32, ``rotary_dims / 2``) with the configured scaling."""
+        return rope_frequencies(self.rotary_dims, self.rotary_base, self.rope_scaling, self.rope_factor,
+                                self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_max_len)
 
     @property
     def rotary_dims(self) -> int:
@@ -149,11 +195,15 @@ class CausalSelfAttention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        dense = lambda i, o: nnx.Linear(i, o, use_bias=cfg.attention_bias, dtype=cfg.dtype, rngs=rngs)
-        self.query = dense(cfg.d_model, cfg.d_model)
-        self.key = dense(cfg.d_model, cfg.d_model)
-        self.value = dense(cfg.d_model, cfg.d_model)
-        self.out = dense(cfg.d_model, cfg.d_model)
+        dense = lambda i, o, bias=cfg.attention_bias: nnx.Linear(i, o, use_bias=bias, dtype=cfg.dtype, rngs=rngs)
+        q_width, kv_width = cfg.num_heads * cfg.d_head, cfg.kv_heads * cfg.d_head
+        self.query = dense(cfg.d_model, q_width)
+        self.key = dense(cfg.d_model, kv_width)
+        self.value = dense(cfg.d_model, kv_width)
+        self.out = dense(q_width, cfg.d_model, cfg.attention_bias and cfg.attention_out_bias)
+        if cfg.qk_norm:
+            rms = lambda n: nnx.RMSNorm(n, epsilon=cfg.norm_eps, rngs=rngs)
+            self.query_norm, self.key_norm = rms(q_width), rms(kv_width)
 
     def __call__(self, x_BxTxD: jax.Array, return_logits: bool = False, cache: LayerCache | None = None,
                  start: int | jax.Array = 0) -> tuple[jax.Array, jax.Array | None, LayerCache | None]:
@@ -162,37 +212,51 @@ class CausalSelfAttention(nnx.Module):
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         x_NxD = x_BxTxD.reshape(b * t, cfg.d_model)
-        heads = lambda y: y.reshape(b, t, cfg.num_heads, cfg.d_head)
-        q, k, v = heads(self.query(x_NxD)), heads(self.key(x_NxD)), heads(self.value(x_NxD))
+        q_NxHK, k_NxGK = self.query(x_NxD), self.key(x_NxD)
+        if cfg.qk_norm:
+            q_NxHK, k_NxGK = self.query_norm(q_NxHK), self.key_norm(k_NxGK)
+        heads = lambda y: y.reshape(b, t, -1, cfg.d_head)
+        q, k, v = heads(q_NxHK), heads(k_NxGK), heads(self.value(x_NxD))
         if cfg.positions == "rope":
             positions_T = None if cache is None else start + jnp.arange(t)
-            q, k = (rotary(y, cfg.rotary_base, cfg.rotary_dims, positions_T) for y in (q, k))
+            freqs = cfg.rotary_frequencies
+            q, k = (rotary(y, cfg.rotary_base, cfg.rotary_dims, positions_T, freqs) for y in (q, k))
         if cache is None:
             y_BxTxHxK = fused_attention(q, k, v)
         else:
             cache = cache.write(k, v, start)
             y_BxTxHxK = attend_from(q, cache.keys, cache.values, start)
         logits_BxHxTxT = attention_logits(q, k) if return_logits else None
-        return self.out(y_BxTxHxK.reshape(b * t, cfg.d_model)).reshape(b, t, cfg.d_model), logits_BxHxTxT, cache
+        y_NxHK = y_BxTxHxK.reshape(b * t, cfg.num_heads * cfg.d_head)
+        return self.out(y_NxHK).reshape(b, t, cfg.d_model), logits_BxHxTxT, cache
 
 
 class MLP(nnx.Module):
+    """``down(act(up(x)))``; gated (``activation="swiglu"``): ``down(silu(gate(x)) * up(x))``."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.act = ACTIVATIONS[cfg.activation]
-        self.up = nnx.Linear(cfg.d_model, cfg.ff_width, use_bias=cfg.mlp_bias, dtype=cfg.dtype, rngs=rngs)
-        self.down = nnx.Linear(cfg.ff_width, cfg.d_model, use_bias=cfg.mlp_bias, dtype=cfg.dtype, rngs=rngs)
+        self.gated = cfg.activation in GATED
+        self.act = GATED[cfg.activation] if self.gated else ACTIVATIONS[cfg.activation]
+        dense = lambda i, o: nnx.Linear(i, o, use_bias=cfg.mlp_bias, dtype=cfg.dtype, rngs=rngs)
+        if self.gated:
+            self.gate = dense(cfg.d_model, cfg.ff_width)
+        self.up = dense(cfg.d_model, cfg.ff_width)
+        self.down = dense(cfg.ff_width, cfg.d_model)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1])
-        return self.down(self.act(self.up(x_NxD))).reshape(x_BxTxD.shape)
+        hidden_NxF = self.act(self.gate(x_NxD)) * self.up(x_NxD) if self.gated else self.act(self.up(x_NxD))
+        return self.down(hidden_NxF).reshape(x_BxTxD.shape)
 
 
 class Block(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); with ``parallel_residual``
-    x + attn(norm1(x)) + mlp(norm2(x)) (GPT-J / GPT-NeoX)."""
+    x + attn(norm1(x)) + mlp(norm2(x)) (GPT-J / GPT-NeoX); with ``norm_placement="sublayer_post"``
+    x + norm1(attn(x)), then x + norm2(mlp(x)) (OLMo-2: the attention reads the residual itself)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.parallel = cfg.parallel_residual
+        self.sublayer_post = cfg.norm_placement == "sublayer_post"
         self.attn_norm = _norm(cfg, rngs)
         self.attn = CausalSelfAttention(cfg, rngs)
         self.mlp_norm = _norm(cfg, rngs)
@@ -200,8 +264,12 @@ class Block(nnx.Module):
 
     def __call__(self, x_BxTxD: jax.Array, return_logits: bool = False, cache: LayerCache | None = None,
                  start: int | jax.Array = 0) -> tuple[jax.Array, jax.Array | None, jax.Array, LayerCache | None]:
-        """New residual, attention logits (None unless ``return_logits``), the normalised input the
+        """New residual, attention logits (None unless ``return_logits``), the (normalised) input the
         attention read, and the layer's cache extended by the new positions (None without one)."""
+        if self.sublayer_post:
+            attn_out, logits_BxHxTxT, cache = self.attn(x_BxTxD, return_logits, cache, start)
+            h_BxTxD = x_BxTxD + self.attn_norm(attn_out)
+            return h_BxTxD + self.mlp_norm(self.mlp(h_BxTxD)), logits_BxHxTxT, x_BxTxD, cache
         normed_BxTxD = self.attn_norm(x_BxTxD)
         attn_out, logits_BxHxTxT, cache = self.attn(normed_BxTxD, return_logits, cache, start)
         if self.parallel:
@@ -250,7 +318,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         if length > cfg.max_len:
             raise ValueError(f"a cache of {length} positions exceeds model.max_len={cfg.max_len}")
-        return KVCache.empty(cfg.num_layers, batch, length, cfg.num_heads, cfg.d_head, jnp.dtype(cfg.dtype))
+        return KVCache.empty(cfg.num_layers, batch, length, cfg.kv_heads, cfg.d_head, jnp.dtype(cfg.dtype))
 
     def final_hidden(self, tokens_BxT: jax.Array, return_intermediates: bool = False) -> tuple[jax.Array, dict | None]:
         """The hidden state after the final norm, ``h_BxTxD``, and the intermediates (None unless asked);
@@ -302,12 +370,15 @@ class Transformer(nnx.Module):
         return jnp.concatenate([logits_NxV, h_NxD @ pad_DxP.astype(h_NxD.dtype)], axis=-1)
 
     def query_key_kernels(self, layer: int) -> tuple[jax.Array, jax.Array] | None:
-        """Per head ``W_Q / sqrt(d_head)`` and ``W_K`` of block ``layer`` (0-based), each H x D x d_head,
-        so that head h's logits are ``X W_Q[h] (X W_K[h])^T``; None where no such bilinear form
-        exists (rotary positions rotate queries and keys between the two kernels; attention
-        biases make the logits affine, not bilinear, in X)."""
-        if self.cfg.positions == "rope" or self.cfg.attention_bias:
+        """Per query head ``W_Q / sqrt(d_head)`` and its key head's ``W_K`` of block ``layer`` (0-based),
+        each H x D x d_head (with grouped-query attention a key head's kernel repeats for every query
+        head that shares it), so that head h's logits are ``X W_Q[h] (X W_K[h])^T``; None where no
+        such bilinear form exists (rotary positions rotate queries and keys between the two kernels;
+        attention biases make the logits affine, not bilinear, in X; QK-norm divides them by
+        per-token norms)."""
+        if self.cfg.positions == "rope" or self.cfg.attention_bias or self.cfg.qk_norm:
             return None
         cfg, attn = self.cfg, self.blocks[layer].attn
-        split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], cfg.num_heads, cfg.d_head), 1, 0)
-        return split(attn.query.kernel[...]) / jnp.sqrt(cfg.d_head), split(attn.key.kernel[...])
+        split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], -1, cfg.d_head), 1, 0)
+        w_k_HxDxK = jnp.repeat(split(attn.key.kernel[...]), cfg.num_heads // cfg.kv_heads, axis=0)
+        return split(attn.query.kernel[...]) / jnp.sqrt(cfg.d_head), w_k_HxDxK

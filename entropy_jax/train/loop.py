@@ -91,6 +91,20 @@ class _Progress:
         self.bar.close()
 
 
+def child_lineage(parent: Parent, run_id: str, stage: str) -> Lineage:
+    """The lineage of a stage ``stage`` (run ``run_id``) starting from ``parent``: tokens continue from
+    the parent's, the probe sequences are the lineage root's. Native fine-tuning runs and imported
+    published stages (experiments/import_hf.py --parent) record the same."""
+    meta = parent.meta
+    return Lineage(
+        run_id=run_id, stage=stage,
+        parent={"run_id": meta.get("run_id", parent.workdir.name), "workdir": str(parent.workdir),
+                "step": parent.step, "stage": meta["stage"]},
+        tokens_at_start=int(meta["tokens_seen"]),
+        probe_source=meta.get("probe_source") or probe_source_of(meta["config"]),
+    )
+
+
 def probe_source_of(config: dict) -> dict:
     """What fixes a run's probe sequences (``config``: a saved config dict): its data config,
     sequence length and probe-set size."""
@@ -176,16 +190,10 @@ class _Run:
                 raise CheckpointReadError(
                     f"parent {parent.workdir} step {parent.step} cannot be read: its files are truncated or "
                     f"damaged; start from another of its checkpoints with --init_step{hint}") from e
-        meta = parent.meta
-        logging.info("initialised from %s step %d (stage %s)", parent.workdir.checkpoints, parent.step, meta["stage"])
+        logging.info("initialised from %s step %d (stage %s)", parent.workdir.checkpoints, parent.step,
+                     parent.meta["stage"])
         state = init_state(r["params"], r["model_state"], self.tx, self.cfg.seed)
-        lineage = Lineage(
-            run_id=self.workdir.run_id(create=jax.process_index() == 0), stage=self.cfg.stage,
-            parent={"run_id": meta.get("run_id", parent.workdir.name), "workdir": str(parent.workdir),
-                    "step": parent.step, "stage": meta["stage"]},
-            tokens_at_start=int(meta["tokens_seen"]),
-            probe_source=meta.get("probe_source") or probe_source_of(meta["config"]),
-        )
+        lineage = child_lineage(parent, self.workdir.run_id(create=jax.process_index() == 0), self.cfg.stage)
         return self.replicated(state), lineage
 
     def scratch(self) -> tuple[TrainState, Lineage]:

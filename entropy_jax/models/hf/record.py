@@ -2,7 +2,9 @@
 weight matrices of a revision folder straight from its files (no model built).
 
 An imported revision is one checkpoint of a workdir, saved with the metadata the sweep reads:
-stage ``pretrain``, the step parsed from the revision name, tokens seen = step x tokens per step,
+stage ``pretrain`` (or, imported under a parent checkpoint, the stage named and the parent's
+lineage: tokens continuing from the parent's, the root's probe sequences), the step parsed from
+the revision name, tokens seen = step x tokens per step (or as the revision's name states),
 the model config, the probe source (tokenised text, :mod:`entropy_jax.models.hf.probe_text`) and
 the probe entries, plus ``source``: repo, revision, commit, model type, tokenizer size and the
 sha256 of every weight file. ``params_sha256`` is the sha256 of the parameter bytes in tree order
@@ -42,16 +44,23 @@ def probe_source(tokenizer: str | Path, seq_len: int, num_sequences: int, batch_
                           "batch_size": int(batch_size)}}
 
 
-def revision_meta(ckpt: HFCheckpoint, rev: Revision, *, run_id: str, tokens_per_step: int, source: dict,
-                  probes: dict, sha256: str, duplicate_of: int | None) -> dict:
-    """The checkpoint metadata of one imported revision (the keys the sweep reads, plus ``source``)."""
+def revision_meta(ckpt: HFCheckpoint, rev: Revision, *, run_id: str, tokens_per_step: int | None, source: dict,
+                  probes: dict, sha256: str, duplicate_of: int | None, tokens: int | None = None,
+                  lineage: dict | None = None) -> dict:
+    """The checkpoint metadata of one imported revision (the keys the sweep reads, plus ``source``).
+
+    ``tokens``: the revision's own training tokens (default ``step x tokens_per_step``);
+    ``lineage``: ``{stage, parent, tokens_at_start}`` of a stage imported under a parent checkpoint
+    (default: a pretraining root), whose tokens continue from the parent's."""
+    lineage = lineage or {"stage": "pretrain", "parent": None, "tokens_at_start": 0}
+    own = rev.step * tokens_per_step if tokens is None else tokens
     return {
         "step": rev.step,
-        "tokens_seen": rev.step * tokens_per_step,
-        "stage": "pretrain",
+        "tokens_seen": lineage["tokens_at_start"] + own,
+        "stage": lineage["stage"],
         "run_id": run_id,
-        "parent": None,
-        "tokens_at_start": 0,
+        "parent": lineage["parent"],
+        "tokens_at_start": lineage["tokens_at_start"],
         "probe_source": source,
         "config": {"probe_set": dict(source["probe_set"]), "probes": probes},
         "model_config": dataclasses.asdict(ckpt.model_config),

@@ -2,7 +2,11 @@
 
 Pythia publishes 154 revisions per model as branches ``step0``, ``step1``, ``step2``, ``step4`` ...
 ``step512``, ``step1000``, then every 1000 to ``step143000`` (2,097,152 tokens per step: 1,024
-sequences of 2,048 tokens). A revision is found three ways:
+sequences of 2,048 tokens). OLMo-2 names its revisions with the training stage and the tokens
+seen, ``stage1-step140000-tokens588B`` or ``stage2-ingredient1-step11931-tokens100B``: the step
+and the tokens are read from the name (:func:`revision_step`, :func:`revision_tokens`; the token
+count is as rounded in the name). Pythia's tokens per step apply to GPT-NeoX models only
+(:func:`tokens_seen`). A revision is found three ways:
 
 * a plain folder (``config.json`` + safetensors) named like its revision (``.../step1000``), or a
   folder of such folders;
@@ -26,7 +30,10 @@ from entropy_jax.models.hf.safetensors_io import HFImportError
 
 PYTHIA_TOKENS_PER_STEP = 2_097_152
 PYTHIA_STEPS = (0, *(2**i for i in range(10)), *range(1000, 143_001, 1000))
-_STEP = re.compile(r"^step(\d+)(?:[-_].*)?$")  # step1000, OLMo's step1000-tokens4B
+# step1000; OLMo's step1000-tokens4B, stage1-step140000-tokens588B, stage2-ingredient1-step11931-tokens100B
+_STEP = re.compile(r"^(?:stage\d+-(?:ingredient\d+-)?)?step(\d+)(?:[-_].*)?$")
+_TOKENS = re.compile(r"-tokens(\d+(?:\.\d+)?)([KMBT]?)(?=[-_]|$)")
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 DOWNLOAD_PATTERNS = ("*.json", "*.safetensors", "*.txt")
 
 
@@ -44,8 +51,40 @@ def revision_step(name: str) -> int:
     m = _STEP.match(name)
     if not m:
         raise HFImportError(f"cannot read a training step from revision {name!r}; name revisions like 'step1000' "
-                            "(rename the folder, or import one folder with --step)")
+                            "or 'stage1-step1000-tokens4B' (rename the folder, or import one folder with --step)")
     return int(m.group(1))
+
+
+def is_revision_name(name: str) -> bool:
+    """Whether ``name`` gives a training step (``step1000``, ``stage1-step140000-tokens588B``)."""
+    return bool(_STEP.match(name))
+
+
+def revision_tokens(name: str) -> int | None:
+    """The training tokens a revision name states (``stage1-step140000-tokens588B`` -> 588 x 10^9), or None."""
+    m = _TOKENS.search(name)
+    return None if m is None else round(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def tokens_seen(rev: Revision, model_type: str, tokens_per_step: int | None) -> tuple[int, int | None]:
+    """(tokens seen at ``rev``, the tokens per step used or None): ``step x tokens_per_step`` where
+    given; else the tokens the revision's name states; else, for GPT-NeoX (Pythia) only, Pythia's
+    2,097,152 a step; step 0 has seen none. Otherwise an HFImportError: another family's batch
+    size is never guessed."""
+    if tokens_per_step is not None:
+        if tokens_per_step < 1:
+            raise HFImportError(f"--tokens_per_step={tokens_per_step} must be >= 1")
+        return rev.step * tokens_per_step, tokens_per_step
+    named = revision_tokens(rev.name)
+    if named is not None:
+        return named, None
+    if model_type == "gpt_neox":
+        return rev.step * PYTHIA_TOKENS_PER_STEP, PYTHIA_TOKENS_PER_STEP
+    if rev.step == 0:
+        return 0, None
+    raise HFImportError(f"revision {rev.name!r} (step {rev.step}) of a {model_type} model names no token count: give "
+                        f"--tokens_per_step (the model's batch size in tokens; Pythia's {PYTHIA_TOKENS_PER_STEP:,} "
+                        "apply to GPT-NeoX models only)")
 
 
 def _cache_revisions(repo_dir: Path) -> list[Revision]:
@@ -113,8 +152,9 @@ def hub_revisions(repo: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def download(repo: str, revision: str) -> Iterator[Revision]:
-    """One revision's config, tokenizer and safetensors in a temporary folder, deleted afterwards."""
+def download(repo: str, revision: str, step: int | None = None) -> Iterator[Revision]:
+    """One revision's config, tokenizer and safetensors in a temporary folder, deleted afterwards
+    (``step``: the step of a revision whose name gives none, e.g. ``main``)."""
     hub = _hub()
     files = hub.list_repo_files(repo, revision=revision)
     if not any(f.endswith(".safetensors") for f in files):
@@ -126,6 +166,6 @@ def download(repo: str, revision: str) -> Iterator[Revision]:
         folder = Path(hub.snapshot_download(repo, revision=revision, local_dir=tmp,
                                             allow_patterns=list(DOWNLOAD_PATTERNS)))
         commit = hub.model_info(repo, revision=revision).sha or ""
-        yield Revision(revision_step(revision), folder, revision, commit, repo)
+        yield Revision(revision_step(revision) if step is None else step, folder, revision, commit, repo)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,10 @@ families share, :mod:`.registry` the registry. Adding a family: its module, and 
 # Each import registers its family (the module ends with register_family).
 import entropy_jax.models.hf.families.gpt2  # noqa: F401
 import entropy_jax.models.hf.families.gpt_neox  # noqa: F401
+import entropy_jax.models.hf.families.llama  # noqa: F401
+import entropy_jax.models.hf.families.mistral  # noqa: F401
+import entropy_jax.models.hf.families.olmo2  # noqa: F401
+import entropy_jax.models.hf.families.qwen2  # noqa: F401
 from entropy_jax.models.hf.families.common import TensorSource
 from entropy_jax.models.hf.families.registry import FAMILIES, Family, family, register_family
 
