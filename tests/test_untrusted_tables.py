@@ -1,12 +1,20 @@
 """A damaged results table is one line naming it and the fix, and stays untouched; plot.py sees
 one run given twice through another path."""
 
-import pytest
+import subprocess
+import sys
 
-from entropy_jax.cli import user_errors
+import pytest
+from conftest import REPO
+
 from entropy_jax.sweep.table import DamagedTableError, ResultsTable, load_results
 from entropy_jax.workdir import Workdir
-from experiments import plot
+
+
+def run_plot(*workdirs):
+    """experiments/plot.py on ``workdirs`` in its own process (its absl flags are its own)."""
+    return subprocess.run([sys.executable, "experiments/plot.py", *(f"--workdir={w}" for w in workdirs)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def _table(root):
@@ -26,10 +34,9 @@ def test_damaged_results_table_is_one_line_and_left_untouched(damage, tmp_path, 
     for read in (load_results, lambda root: ResultsTable(Workdir(root))):  # plot.py's reader, probe.py's writer
         with pytest.raises(DamagedTableError, match="move it aside"):
             read(wd.root)
-    with pytest.raises(SystemExit) as exit_, user_errors():
-        plot.check_request([str(wd.root)], None, None)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and f"results table {wd.results} is damaged" in err, err
+    out = run_plot(wd.root)
+    err = out.stderr
+    assert out.returncode == 2 and err.count("\n") == 1 and f"results table {wd.results} is damaged" in err, err
     assert "rerun experiments/probe.py, which recomputes it from the checkpoints" in err
     assert wd.results.read_bytes() == damaged
 
@@ -38,7 +45,6 @@ def test_plot_sees_one_workdir_through_two_paths(tmp_path, capsys):
     wd = _table(tmp_path / "a")
     (tmp_path / "b").mkdir()
     assert len(load_results(wd.root)) == 4
-    with pytest.raises(SystemExit) as exit_, user_errors():
-        plot.check_request([str(wd.root), str(tmp_path / "b" / ".." / "a")], None, None)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "a --workdir is given twice" in err, err
+    out = run_plot(wd.root, tmp_path / "b" / ".." / "a")
+    err = out.stderr
+    assert out.returncode == 2 and "a --workdir is given twice" in err, err
