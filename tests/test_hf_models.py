@@ -138,7 +138,7 @@ def test_unsupported_options_are_refused_by_name(kind):
 def test_bfloat16_olmo2_files_read_exactly():
     """OLMo-2's fixture stores bfloat16: widened bit-exactly to float32, no float64 step."""
     folder = FIXTURES / "olmo2"
-    header = hf.safetensors_io.read_header(folder / "model.safetensors")
+    header, _ = hf.safetensors_io.read_header(folder / "model.safetensors")
     assert {e["dtype"] for e in header.values()} == {"BF16"}
     tensors = hf.read_tensors(folder)
     w = tensors["model.layers.0.self_attn.q_norm.weight"]
